@@ -1,0 +1,9 @@
+"""CvT: the Convolutional vision Transformer (Wu et al., ICCV 2021), exact to the official release.
+
+    import cvt
+    model = cvt.create_model("cvt_13_224", pretrained="CvT-13-224x224-IN-1k.pth")
+"""
+from .model import CvT, CvTFeatures, create_model, list_models
+
+__all__ = ["CvT", "CvTFeatures", "create_model", "list_models"]
+__version__ = "0.1.0"

@@ -1,0 +1,595 @@
+"""CvT: Convolutional vision Transformer (Wu et al., "CvT: Introducing Convolutions to Vision Transformers", ICCV 2021).
+
+One configurable model, its building blocks and the registered variants of the official release.
+
+Parameter names follow the official implementation (`stage0.patch_embed.proj.weight`,
+`stage2.blocks.0.attn.conv_proj_k.bn.running_var`, `stage2.cls_token`, `norm.weight`, `head.weight`), so an
+official checkpoint loads without renaming. Numerics follow it too: QuickGELU, LayerNorm eps 1e-5 and the
+attention scale `dim ** -0.5` over the whole stage width (not per head).
+
+Options beyond the released models, for the paper's ablations: a learned absolute position embedding per stage
+(`pos_embed`), a non-overlapping patch token embedding (`token_embed="patch"`), the `avg` and position-wise
+`linear` projections and any k/v stride.
+"""
+from __future__ import annotations
+
+import difflib
+import math
+from collections import OrderedDict
+from typing import Any, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.layers import DropPath, Mlp, trunc_normal_
+from timm.models import generate_default_cfgs, register_model
+
+__all__ = ["CvT", "CvTFeatures", "create_model", "list_models", "ZOO", "QuickGELU"]
+
+NUM_STAGES = 3
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class QuickGELU(nn.Module):
+    """`x * sigmoid(1.702 x)`: the activation the released weights were trained with."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.sigmoid(1.702 * x)
+
+
+ACT_LAYERS = {"quick_gelu": QuickGELU, "gelu": nn.GELU}
+PROJ_METHODS = ("dw_bn", "avg", "linear")
+TOKEN_EMBEDS = ("conv", "patch")
+
+
+class ConvEmbed(nn.Module):
+    """Token embedding: a strided Conv2d over the 2-D token map, then LayerNorm over channels."""
+
+    def __init__(self, in_chans: int, embed_dim: int, kernel_size: int, stride: int, padding: int, norm_eps: float):
+        super().__init__()
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=kernel_size, stride=stride, padding=padding)
+        self.norm = nn.LayerNorm(embed_dim, eps=norm_eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.proj(x)
+        return self.norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+def _build_projection(method: str, dim: int, kernel_size: int, stride: int, padding: int) -> nn.Module | None:
+    """The projection applied to the token map before a q/k/v linear; None means position-wise (none)."""
+    if method == "dw_bn":
+        return nn.Sequential(OrderedDict([
+            ("conv", nn.Conv2d(dim, dim, kernel_size, stride=stride, padding=padding, groups=dim, bias=False)),
+            ("bn", nn.BatchNorm2d(dim)),
+        ]))
+    if method == "avg":
+        return nn.Sequential(OrderedDict([
+            ("avg", nn.AvgPool2d(kernel_size, stride=stride, padding=padding, ceil_mode=True)),
+        ]))
+    if method == "linear":
+        return None
+    raise ValueError(f"unknown projection method {method!r}: choose one of {PROJ_METHODS}")
+
+
+class Attention(nn.Module):
+    """Multi-head attention with convolutional projections of q, k and v.
+
+    The class token (last stage only) skips the convolutions and joins q, k and v right after them.
+    `fused_attn` picks `scaled_dot_product_attention`; the plain path is kept as the reference.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        qkv_bias: bool = True,
+        attn_drop: float = 0.0,
+        proj_drop: float = 0.0,
+        method: str = "dw_bn",
+        kernel_size: int = 3,
+        stride_q: int = 1,
+        padding_q: int = 1,
+        stride_kv: int = 2,
+        padding_kv: int = 1,
+        with_cls_token: bool = False,
+    ):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"width {dim} is not divisible by {num_heads} heads")
+        self.num_heads = num_heads
+        self.scale = dim ** -0.5
+        self.with_cls_token = with_cls_token
+        self.fused_attn = True
+        self.attn_drop_rate = attn_drop
+        # The official `avg` method pools k and v only; q stays position-wise.
+        self.conv_proj_q = _build_projection("linear" if method == "avg" else method, dim, kernel_size, stride_q,
+                                             padding_q)
+        self.conv_proj_k = _build_projection(method, dim, kernel_size, stride_kv, padding_kv)
+        self.conv_proj_v = _build_projection(method, dim, kernel_size, stride_kv, padding_kv)
+        self.proj_q = nn.Linear(dim, dim, bias=qkv_bias)
+        self.proj_k = nn.Linear(dim, dim, bias=qkv_bias)
+        self.proj_v = nn.Linear(dim, dim, bias=qkv_bias)
+        self.attn_drop = nn.Dropout(attn_drop)
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    @staticmethod
+    def _project(proj: nn.Module | None, x_map: torch.Tensor, x_tokens: torch.Tensor) -> torch.Tensor:
+        if proj is None:
+            return x_tokens
+        return proj(x_map).flatten(2).transpose(1, 2)
+
+    def qkv(self, x: torch.Tensor, h: int, w: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q, k, v as (B, heads, tokens, head_dim), class token first where there is one."""
+        if self.with_cls_token:
+            cls_token, x = x[:, :1], x[:, 1:]
+        x_map = x.transpose(1, 2).unflatten(2, (h, w))
+        q = self._project(self.conv_proj_q, x_map, x)
+        k = self._project(self.conv_proj_k, x_map, x)
+        v = self._project(self.conv_proj_v, x_map, x)
+        if self.with_cls_token:
+            q, k, v = (torch.cat((cls_token, t), dim=1) for t in (q, k, v))
+        q = self.proj_q(q).unflatten(-1, (self.num_heads, -1)).transpose(1, 2)
+        k = self.proj_k(k).unflatten(-1, (self.num_heads, -1)).transpose(1, 2)
+        v = self.proj_v(v).unflatten(-1, (self.num_heads, -1)).transpose(1, 2)
+        return q, k, v
+
+    def attention_probs(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        """Softmax attention weights (B, heads, queries, keys) by the reference computation."""
+        return ((q @ k.transpose(-2, -1)) * self.scale).softmax(dim=-1)
+
+    def forward(self, x: torch.Tensor, h: int, w: int) -> torch.Tensor:
+        q, k, v = self.qkv(x, h, w)
+        if self.fused_attn:
+            x = F.scaled_dot_product_attention(
+                q, k, v, dropout_p=self.attn_drop_rate if self.training else 0.0, scale=self.scale
+            )
+        else:
+            x = self.attn_drop(self.attention_probs(q, k)) @ v
+        x = x.transpose(1, 2).flatten(2)
+        return self.proj_drop(self.proj(x))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: `x + drop_path(attn(norm1(x)))`, then `x + drop_path(mlp(norm2(x)))`."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, drop: float, drop_path: float,
+                 act_layer: type[nn.Module], norm_eps: float, **attn_kwargs: Any):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
+        self.attn = Attention(dim, num_heads, attn_drop=attn_kwargs.pop("attn_drop"), proj_drop=drop, **attn_kwargs)
+        self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
+        self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=act_layer, drop=drop)
+
+    def forward(self, x: torch.Tensor, h: int, w: int) -> torch.Tensor:
+        x = x + self.drop_path(self.attn(self.norm1(x), h, w))
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+
+
+class Stage(nn.Module):
+    """Token embedding, optional class token and position embedding, then the blocks.
+
+    Returns the stage's output map (B, C, H, W) and its class token (B, 1, C) or None.
+    """
+
+    def __init__(self, in_chans: int, embed_dim: int, depth: int, num_heads: int, embed_kernel: int,
+                 embed_stride: int, embed_padding: int, with_cls_token: bool, pos_embed_grid: tuple[int, int] | None,
+                 drop_rate: float, drop_path_rate: float, norm_eps: float, **block_kwargs: Any):
+        super().__init__()
+        self.patch_embed = ConvEmbed(in_chans, embed_dim, embed_kernel, embed_stride, embed_padding, norm_eps)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if with_cls_token else None
+        self.pos_embed = (
+            nn.Parameter(torch.zeros(1, pos_embed_grid[0] * pos_embed_grid[1], embed_dim)) if pos_embed_grid else None
+        )
+        self.pos_embed_grid = pos_embed_grid
+        self.pos_drop = nn.Dropout(drop_rate)
+        drop_paths = torch.linspace(0, drop_path_rate, depth).tolist()  # rises linearly over the stage's blocks
+        self.blocks = nn.ModuleList([
+            Block(embed_dim, num_heads, drop=drop_rate, drop_path=dp, norm_eps=norm_eps,
+                  with_cls_token=with_cls_token, **block_kwargs)
+            for dp in drop_paths
+        ])
+
+    def resized_pos_embed(self, h: int, w: int) -> torch.Tensor:
+        """The position embedding for an h x w token map: bicubic interpolation from the grid it was made for."""
+        if (h, w) == self.pos_embed_grid:
+            return self.pos_embed
+        grid = self.pos_embed.transpose(1, 2).unflatten(2, self.pos_embed_grid)
+        grid = F.interpolate(grid, size=(h, w), mode="bicubic", align_corners=False)
+        return grid.flatten(2).transpose(1, 2)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        x = self.patch_embed(x)
+        b, _, h, w = x.shape
+        x = x.flatten(2).transpose(1, 2)
+        if self.pos_embed is not None:
+            x = x + self.resized_pos_embed(h, w)
+        if self.cls_token is not None:
+            x = torch.cat((self.cls_token.expand(b, -1, -1), x), dim=1)
+        x = self.pos_drop(x)
+        for block in self.blocks:
+            x = block(x, h, w)
+        cls_token = None
+        if self.cls_token is not None:
+            cls_token, x = x[:, :1], x[:, 1:]
+        return x.transpose(1, 2).unflatten(2, (h, w)), cls_token
+
+
+def _per_stage(value: Any, name: str) -> tuple:
+    """A per-stage option: one value for every stage, or a sequence of one per stage."""
+    if isinstance(value, (list, tuple)):
+        if len(value) != NUM_STAGES:
+            raise ValueError(f"{name} needs one value per stage ({NUM_STAGES}), got {len(value)}: {list(value)}")
+        return tuple(value)
+    return (value,) * NUM_STAGES
+
+
+def _conv_out(size: int, kernel: int, stride: int, padding: int) -> int:
+    return (size + 2 * padding - kernel) // stride + 1
+
+
+class CvT(nn.Module):
+    """The Convolutional vision Transformer.
+
+    Every option marked per-stage takes one value for all three stages or a sequence of three.
+
+    Args:
+        in_chans: input channels.
+        num_classes: classifier outputs; 0 leaves the head out.
+        global_pool: "token" (class token) or "avg" (mean of the last map); by default "token" when the last
+            stage has a class token.
+        embed_dims, depths, num_heads: per-stage width, number of blocks and attention heads.
+        patch_sizes, patch_strides, patch_paddings: per-stage token-embedding conv.
+        token_embed: "conv" (the paper's overlapping convolutional embedding) or "patch" (non-overlapping:
+            kernel = stride, no padding, so each stage keeps its output resolution).
+        mlp_ratio, qkv_bias, drop_rate, attn_drop_rate, drop_path_rate: per-stage; drop path rises linearly from
+            0 to the stage's rate over its blocks.
+        cls_token: per-stage class token (the released models: last stage only).
+        proj_method: per-stage "dw_bn" (depth-wise conv + BatchNorm, the paper's), "avg" (k/v average-pooled)
+            or "linear" (position-wise: no projection, keys at full resolution).
+        kernel_qkv, stride_q, padding_q, stride_kv, padding_kv: per-stage projection geometry.
+        pos_embed: per-stage learned absolute position embedding, sized for `img_size` and resized by bicubic
+            interpolation for other inputs.
+        img_size: the input size the position embeddings are made for (and the native resolution).
+        act_layer: "quick_gelu" (official) or "gelu" (exact, as the Hugging Face port runs).
+        norm_eps: LayerNorm eps everywhere but the final norm; head_norm_eps: the final norm's (default norm_eps).
+    """
+
+    def __init__(
+        self,
+        in_chans: int = 3,
+        num_classes: int = 1000,
+        global_pool: str | None = None,
+        embed_dims: Sequence[int] = (64, 192, 384),
+        depths: Sequence[int] = (1, 2, 10),
+        num_heads: Sequence[int] = (1, 3, 6),
+        patch_sizes: Sequence[int] = (7, 3, 3),
+        patch_strides: Sequence[int] = (4, 2, 2),
+        patch_paddings: Sequence[int] = (2, 1, 1),
+        token_embed: str = "conv",
+        mlp_ratio: float | Sequence[float] = 4.0,
+        qkv_bias: bool | Sequence[bool] = True,
+        drop_rate: float | Sequence[float] = 0.0,
+        attn_drop_rate: float | Sequence[float] = 0.0,
+        drop_path_rate: float | Sequence[float] = (0.0, 0.0, 0.1),
+        cls_token: bool | Sequence[bool] = (False, False, True),
+        proj_method: str | Sequence[str] = "dw_bn",
+        kernel_qkv: int | Sequence[int] = 3,
+        stride_q: int | Sequence[int] = 1,
+        padding_q: int | Sequence[int] = 1,
+        stride_kv: int | Sequence[int] = 2,
+        padding_kv: int | Sequence[int] = 1,
+        pos_embed: bool | Sequence[bool] = False,
+        img_size: int | Sequence[int] = 224,
+        act_layer: str = "quick_gelu",
+        norm_eps: float = 1e-5,
+        head_norm_eps: float | None = None,
+    ):
+        super().__init__()
+        # Plain data describing the architecture: what save_pretrained writes and create_model reads back.
+        self.config = {k: list(v) if isinstance(v, tuple) else v for k, v in locals().items()
+                       if k not in ("self", "__class__")}
+        if act_layer not in ACT_LAYERS:
+            raise ValueError(f"unknown act_layer {act_layer!r}: choose one of {sorted(ACT_LAYERS)}")
+        if token_embed not in TOKEN_EMBEDS:
+            raise ValueError(f"unknown token_embed {token_embed!r}: choose one of {TOKEN_EMBEDS}")
+        embed_dims, depths, num_heads = (_per_stage(v, n) for v, n in
+                                         ((embed_dims, "embed_dims"), (depths, "depths"), (num_heads, "num_heads")))
+        patch_strides = _per_stage(patch_strides, "patch_strides")
+        if token_embed == "patch":
+            patch_sizes, patch_paddings = patch_strides, (0,) * NUM_STAGES
+        self.embed_geometry = tuple(zip(_per_stage(patch_sizes, "patch_sizes"), patch_strides,
+                                        _per_stage(patch_paddings, "patch_paddings")))
+        self.img_size = tuple(img_size) if isinstance(img_size, (list, tuple)) else (img_size, img_size)
+        cls_token = _per_stage(cls_token, "cls_token")
+        pos_embed = _per_stage(pos_embed, "pos_embed")
+        self.in_chans = in_chans
+        self.num_classes = num_classes
+        self.num_features = self.head_hidden_size = embed_dims[-1]
+        self.num_prefix_tokens = int(cls_token[-1])
+        self.global_pool = global_pool or ("token" if cls_token[-1] else "avg")
+        if self.global_pool not in ("token", "avg") or (self.global_pool == "token" and not cls_token[-1]):
+            raise ValueError(f"global_pool {global_pool!r} needs 'avg', or 'token' with a class token in the last stage")
+
+        grids = self.feature_sizes(*self.img_size)
+        per_stage = {name: _per_stage(value, name) for name, value in (
+            ("mlp_ratio", mlp_ratio), ("qkv_bias", qkv_bias), ("drop_rate", drop_rate),
+            ("attn_drop_rate", attn_drop_rate), ("drop_path_rate", drop_path_rate), ("proj_method", proj_method),
+            ("kernel_qkv", kernel_qkv), ("stride_q", stride_q), ("padding_q", padding_q),
+            ("stride_kv", stride_kv), ("padding_kv", padding_kv))}
+        act = ACT_LAYERS[act_layer]
+        chans = in_chans
+        for i in range(NUM_STAGES):
+            kernel, stride, padding = self.embed_geometry[i]
+            stage = Stage(
+                chans, embed_dims[i], depths[i], num_heads[i], kernel, stride, padding,
+                with_cls_token=cls_token[i], pos_embed_grid=grids[i] if pos_embed[i] else None,
+                drop_rate=per_stage["drop_rate"][i], drop_path_rate=per_stage["drop_path_rate"][i],
+                norm_eps=norm_eps, mlp_ratio=per_stage["mlp_ratio"][i], act_layer=act,
+                qkv_bias=per_stage["qkv_bias"][i], attn_drop=per_stage["attn_drop_rate"][i],
+                method=per_stage["proj_method"][i], kernel_size=per_stage["kernel_qkv"][i],
+                stride_q=per_stage["stride_q"][i], padding_q=per_stage["padding_q"][i],
+                stride_kv=per_stage["stride_kv"][i], padding_kv=per_stage["padding_kv"][i],
+            )
+            setattr(self, f"stage{i}", stage)
+            chans = embed_dims[i]
+        self.norm = nn.LayerNorm(embed_dims[-1], eps=norm_eps if head_norm_eps is None else head_norm_eps)
+        self.head = nn.Linear(embed_dims[-1], num_classes) if num_classes > 0 else nn.Identity()
+        self.feature_info = [
+            dict(num_chs=embed_dims[i], reduction=math.prod(s for _, s, _ in self.embed_geometry[: i + 1]),
+                 module=f"stage{i}")
+            for i in range(NUM_STAGES)
+        ]
+        self.min_input_size = next(n for n in range(1, 1025) if min(self.feature_sizes(n, n)[-1]) >= 1)
+        self.pretrained_cfg: dict[str, Any] = {}
+        self.init_weights()
+
+    @property
+    def stages(self) -> list[Stage]:
+        return [getattr(self, f"stage{i}") for i in range(NUM_STAGES)]
+
+    def init_weights(self) -> None:
+        """The official initialisation: trunc-normal(0.02) linears, class tokens and position embeddings."""
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                trunc_normal_(m.weight, std=0.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, (nn.LayerNorm, nn.BatchNorm2d)):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+        for stage in self.stages:
+            for p in (stage.cls_token, stage.pos_embed):
+                if p is not None:
+                    trunc_normal_(p, std=0.02)
+
+    def feature_sizes(self, h: int, w: int) -> list[tuple[int, int]]:
+        """The (H, W) of each stage's token map for an h x w input."""
+        sizes = []
+        for kernel, stride, padding in self.embed_geometry:
+            h, w = _conv_out(h, kernel, stride, padding), _conv_out(w, kernel, stride, padding)
+            sizes.append((h, w))
+        return sizes
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set[str]:
+        return {f"stage{i}.{name}" for i in range(NUM_STAGES) for name in ("cls_token", "pos_embed")}
+
+    def set_fused_attn(self, enable: bool = True) -> None:
+        """Choose scaled_dot_product_attention (True) or the plain reference computation (False)."""
+        for m in self.modules():
+            if isinstance(m, Attention):
+                m.fused_attn = enable
+
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        """A freshly initialised head for `num_classes` outputs (0: no head)."""
+        self.num_classes = num_classes
+        self.config["num_classes"] = num_classes
+        if global_pool is not None:
+            self.global_pool = global_pool
+        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        if num_classes > 0:
+            trunc_normal_(self.head.weight, std=0.02)
+            nn.init.zeros_(self.head.bias)
+
+    def check_input(self, x: torch.Tensor) -> None:
+        """Raise a clear error for an input this model cannot take."""
+        if x.ndim != 4:
+            raise ValueError(f"expected a batch of images (B, C, H, W), got a tensor of shape {tuple(x.shape)}; "
+                             "add a batch dimension with x.unsqueeze(0)")
+        if x.shape[1] != self.in_chans:
+            raise ValueError(f"expected {self.in_chans} input channels, got {x.shape[1]} (shape {tuple(x.shape)}); "
+                             f"convert the images (e.g. PIL .convert('RGB')) or build the model with "
+                             f"in_chans={x.shape[1]}")
+        if min(x.shape[2:]) < self.min_input_size:
+            raise ValueError(f"input {x.shape[2]}x{x.shape[3]} is smaller than this model can take "
+                             f"(at least {self.min_input_size}x{self.min_input_size}); resize the image, ideally to "
+                             f"the native {self.img_size[0]}x{self.img_size[1]}")
+
+    def forward_intermediates(self, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+        """The three stage maps (strides 4, 8, 16 for the released models) and the final class token (B, 1, C),
+        before the final norm."""
+        if not (torch.jit.is_tracing() or torch.compiler.is_compiling()):
+            self.check_input(x)
+        maps = []
+        cls_token = None
+        for stage in self.stages:
+            x, cls_token = stage(x)
+            maps.append(x)
+        return maps, cls_token
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Normalised tokens of the last stage (B, prefix + H*W, C), the class token first where there is one."""
+        maps, cls_token = self.forward_intermediates(x)
+        x = maps[-1].flatten(2).transpose(1, 2)
+        if cls_token is not None:
+            x = torch.cat((cls_token, x), dim=1)
+        return self.norm(x)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        x = x[:, 0] if self.global_pool == "token" else x[:, self.num_prefix_tokens:].mean(dim=1)
+        return x if pre_logits else self.head(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+    def save_pretrained(self, directory: str) -> None:
+        """Write `config.json` and `model.safetensors`; `create_model(name, pretrained=directory)` reads them back."""
+        from .weights import save_pretrained
+
+        save_pretrained(self, directory)
+
+
+class CvTFeatures(nn.Module):
+    """Multi-scale features for dense prediction: forward returns the stage maps named by `out_indices`."""
+
+    def __init__(self, model: CvT, out_indices: Sequence[int] = (0, 1, 2)):
+        super().__init__()
+        model.reset_classifier(0)
+        self.model = model
+        self.out_indices = tuple(out_indices)
+        self.feature_info = [model.feature_info[i] for i in self.out_indices]
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        maps, _ = self.model.forward_intermediates(x)
+        return [maps[i] for i in self.out_indices]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The zoo: the official release's models. Variants only set numbers.
+
+def _eval_cfg(img_size: int, paper_top1: float, pretraining: str, hf_hub_id: str) -> dict[str, Any]:
+    # The paper's eval transforms: at 224 resize the short side to 256 and centre-crop; at 384 squash, no crop.
+    crop_pct, crop_mode = (0.875, "center") if img_size == 224 else (1.0, "squash")
+    return dict(
+        input_size=(3, img_size, img_size), crop_pct=crop_pct, crop_mode=crop_mode, interpolation="bicubic",
+        mean=IMAGENET_MEAN, std=IMAGENET_STD, num_classes=1000, first_conv="stage0.patch_embed.proj",
+        classifier="head", hf_hub_id=hf_hub_id, paper_top1=paper_top1, pretraining=pretraining,
+    )
+
+
+_CVT_13 = dict(embed_dims=(64, 192, 384), depths=(1, 2, 10), num_heads=(1, 3, 6), drop_path_rate=(0.0, 0.0, 0.1))
+_CVT_21 = dict(embed_dims=(64, 192, 384), depths=(1, 4, 16), num_heads=(1, 3, 6), drop_path_rate=(0.0, 0.0, 0.1))
+_CVT_W24 = dict(embed_dims=(192, 768, 1024), depths=(2, 2, 20), num_heads=(3, 12, 16), drop_path_rate=(0.0, 0.0, 0.3))
+
+# name -> (architecture, eval and provenance metadata)
+ZOO: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
+    "cvt_13_224": (dict(_CVT_13, img_size=224), _eval_cfg(224, 81.6, "ImageNet-1k", "microsoft/cvt-13")),
+    "cvt_13_384": (dict(_CVT_13, img_size=384), _eval_cfg(384, 83.0, "ImageNet-1k", "microsoft/cvt-13-384")),
+    "cvt_21_224": (dict(_CVT_21, img_size=224), _eval_cfg(224, 82.5, "ImageNet-1k", "microsoft/cvt-21")),
+    "cvt_21_384": (dict(_CVT_21, img_size=384), _eval_cfg(384, 83.3, "ImageNet-1k", "microsoft/cvt-21-384")),
+    "cvt_w24_384": (dict(_CVT_W24, img_size=384),
+                    _eval_cfg(384, 87.7, "ImageNet-22k", "microsoft/cvt-w24-384-22k")),
+}
+
+# timm's registry wants its own PretrainedCfg fields only.
+_TIMM_CFG_KEYS = ("input_size", "crop_pct", "crop_mode", "interpolation", "mean", "std", "num_classes",
+                  "first_conv", "classifier", "hf_hub_id")
+default_cfgs = generate_default_cfgs({
+    f"{name}.ms_{'in22k_ft_in1k' if meta['pretraining'] == 'ImageNet-22k' else 'in1k'}":
+        {k: meta[k] for k in _TIMM_CFG_KEYS}
+    for name, (_, meta) in ZOO.items()
+})
+
+
+def list_models(pattern: str = "*") -> list[str]:
+    """Names of the registered CvT variants, optionally filtered by a shell-style pattern."""
+    import fnmatch
+
+    return sorted(n for n in ZOO if fnmatch.fnmatch(n, pattern))
+
+
+def unknown_model_error(name: str) -> ValueError:
+    close = difflib.get_close_matches(name, list(ZOO), n=3, cutoff=0.4)
+    hint = f"; did you mean {', '.join(close)}?" if close else ""
+    return ValueError(f"unknown model {name!r}{hint} (available: {', '.join(list_models())})")
+
+
+def create_model(
+    name: str,
+    num_classes: int | None = None,
+    pretrained: str | None = None,
+    features_only: bool = False,
+    out_indices: Sequence[int] = (0, 1, 2),
+    **overrides: Any,
+) -> nn.Module:
+    """Build a registered CvT variant.
+
+    Args:
+        name: a name from `list_models()`.
+        num_classes: classifier outputs. Default: the checkpoint's when `pretrained` is given, else 1000. A value
+            that differs from the checkpoint's re-initialises the head (and says so).
+        pretrained: a path to an official `.pth`, a `.safetensors` file, a Hugging Face CvT directory or a
+            directory written by `save_pretrained`. Weights cannot be downloaded here: pass a local path.
+        features_only: return a `CvTFeatures` module giving the stage maps named by `out_indices`.
+        overrides: any `CvT` argument (e.g. `drop_path_rate=0.2`, `act_layer="gelu"`).
+    """
+    if name not in ZOO:
+        raise unknown_model_error(name)
+    if pretrained is True:
+        raise ValueError(f"weights for {name} cannot be downloaded here: pass pretrained=PATH to an official .pth, "
+                         f"a .safetensors file or a Hugging Face directory ({ZOO[name][1]['hf_hub_id']})")
+    arch, meta = ZOO[name]
+    kwargs = dict(arch)
+    if pretrained:
+        from .weights import load_checkpoint
+
+        checkpoint = load_checkpoint(pretrained, expect_model=name)
+        kwargs.update(checkpoint.model_args)
+        kwargs.update(overrides)
+        wanted_classes = checkpoint.num_classes if num_classes is None else num_classes
+        model = CvT(num_classes=wanted_classes, **kwargs)
+        checkpoint.load_into(model)
+    else:
+        kwargs.update(overrides)
+        model = CvT(num_classes=1000 if num_classes is None else num_classes, **kwargs)
+    model.pretrained_cfg = dict(meta, architecture=name, input_size=(3, *model.img_size))
+    model.model_name = name
+    if features_only:
+        return CvTFeatures(model, out_indices)
+    return model
+
+
+def _create_registered(name: str, pretrained: bool | str = False, **kwargs: Any) -> nn.Module:
+    """timm's entry-point protocol: it passes its own cfg keys, and a local file as
+    `pretrained_cfg_overlay=dict(file=PATH)` since nothing can be downloaded."""
+    kwargs.pop("pretrained_cfg", None)
+    kwargs.pop("cache_dir", None)
+    overlay = kwargs.pop("pretrained_cfg_overlay", None) or {}
+    if pretrained is True:
+        if "file" not in overlay:
+            raise ValueError(f"{name} weights cannot be downloaded here: use timm.create_model('{name}', "
+                             "pretrained=True, pretrained_cfg_overlay=dict(file=PATH)) or "
+                             "cvt.create_model(name, pretrained=PATH)")
+        pretrained = overlay["file"]
+    return create_model(name, pretrained=pretrained or None, **kwargs)
+
+
+@register_model
+def cvt_13_224(pretrained: bool | str = False, **kwargs: Any) -> nn.Module:
+    return _create_registered("cvt_13_224", pretrained, **kwargs)
+
+
+@register_model
+def cvt_13_384(pretrained: bool | str = False, **kwargs: Any) -> nn.Module:
+    return _create_registered("cvt_13_384", pretrained, **kwargs)
+
+
+@register_model
+def cvt_21_224(pretrained: bool | str = False, **kwargs: Any) -> nn.Module:
+    return _create_registered("cvt_21_224", pretrained, **kwargs)
+
+
+@register_model
+def cvt_21_384(pretrained: bool | str = False, **kwargs: Any) -> nn.Module:
+    return _create_registered("cvt_21_384", pretrained, **kwargs)
+
+
+@register_model
+def cvt_w24_384(pretrained: bool | str = False, **kwargs: Any) -> nn.Module:
+    return _create_registered("cvt_w24_384", pretrained, **kwargs)
