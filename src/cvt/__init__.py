@@ -3,7 +3,8 @@
     import cvt
     model = cvt.create_model("cvt_13_224", pretrained="CvT-13-224x224-IN-1k.pth")
 """
+from .flops import count_macs
 from .model import CvT, CvTFeatures, create_model, list_models
 
-__all__ = ["CvT", "CvTFeatures", "create_model", "list_models"]
+__all__ = ["CvT", "CvTFeatures", "count_macs", "create_model", "list_models"]
 __version__ = "0.1.0"
