@@ -6,12 +6,15 @@ import sys
 
 
 def cmd_models(args: argparse.Namespace) -> None:
+    import torch
+
     from .flops import count_macs, count_params
     from .model import ZOO, create_model, list_models
 
     rows = [("model", "params", "GMACs", "resolution", "paper top-1", "pre-training")]
     for name in list_models(args.pattern):
-        model = create_model(name)
+        with torch.device("meta"):  # shapes only: counting needs no weights
+            model = create_model(name)
         meta = ZOO[name][1]
         size = meta["input_size"][-1]
         rows.append((name, f"{count_params(model):,}", f"{count_macs(model, size) / 1e9:.2f}", str(size),
@@ -20,10 +23,13 @@ def cmd_models(args: argparse.Namespace) -> None:
 
 
 def cmd_flops(args: argparse.Namespace) -> None:
+    import torch
+
     from .flops import count_macs, count_params
     from .model import create_model
 
-    model = create_model(args.model, **parse_overrides(args.set))
+    with torch.device("meta"):
+        model = create_model(args.model, **parse_overrides(args.set))
     size = args.img_size or model.img_size[0]
     macs = count_macs(model, size)
     print(f"{args.model} @ {size}x{size}: {macs / 1e9:.3f} GMACs (paper convention), "

@@ -185,7 +185,8 @@ class Stage(nn.Module):
         )
         self.pos_embed_grid = pos_embed_grid
         self.pos_drop = nn.Dropout(drop_rate)
-        drop_paths = torch.linspace(0, drop_path_rate, depth).tolist()  # rises linearly over the stage's blocks
+        # Rises linearly over the stage's blocks (plain floats, so the model can be built on the meta device).
+        drop_paths = [drop_path_rate * j / max(depth - 1, 1) for j in range(depth)]
         self.blocks = nn.ModuleList([
             Block(embed_dim, num_heads, drop=drop_rate, drop_path=dp, norm_eps=norm_eps,
                   with_cls_token=with_cls_token, **block_kwargs)
