@@ -526,7 +526,8 @@ def create_model(
         num_classes: classifier outputs. Default: the checkpoint's when `pretrained` is given, else 1000. A value
             that differs from the checkpoint's re-initialises the head (and says so).
         pretrained: a path to an official `.pth`, a `.safetensors` file, a Hugging Face CvT directory or a
-            directory written by `save_pretrained`. Weights cannot be downloaded here: pass a local path.
+            directory written by `save_pretrained` (or a `cvt.weights.Checkpoint` already read). Weights cannot be
+            downloaded here: pass a local path.
         features_only: return a `CvTFeatures` module giving the stage maps named by `out_indices`.
         overrides: any `CvT` argument (e.g. `drop_path_rate=0.2`, `act_layer="gelu"`).
     """
@@ -546,6 +547,7 @@ def create_model(
         wanted_classes = checkpoint.num_classes if num_classes is None else num_classes
         model = CvT(num_classes=wanted_classes, **kwargs)
         checkpoint.load_into(model)
+        meta = dict(meta, **checkpoint.pretrained_cfg)  # e.g. the label names of a fine-tuned model
     else:
         kwargs.update(overrides)
         model = CvT(num_classes=1000 if num_classes is None else num_classes, **kwargs)

@@ -1,0 +1,141 @@
+"""Conversion both ways with transformers' CvtForImageClassification."""
+import inspect
+
+import pytest
+import torch
+from transformers import CvtConfig, CvtForImageClassification
+
+import cvt
+from cvt.model import CvT, _per_stage
+from cvt.weights import _HF_CONFIG_NAMES, _rename, from_hf, load_checkpoint, save_hf, to_hf
+
+# transformers' CvtStage indexes drop-path rates by stage number, so it needs depths[i] > i.
+HF_TINY = dict(embed_dim=[16, 32, 48], depth=[1, 2, 3], num_heads=[1, 2, 3], num_labels=5)
+TINY = dict(embed_dims=(16, 32, 48), depths=(1, 2, 3), num_heads=(1, 2, 3))
+
+
+def randomize_batchnorm(model: torch.nn.Module) -> None:
+    """Random running statistics and affine parameters, so that a wrong BatchNorm mapping shows."""
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.normal_()
+            m.running_var.uniform_(0.5, 2.0)
+            m.weight.data.normal_(1.0, 0.2)
+            m.bias.data.normal_()
+
+
+@pytest.fixture(scope="module")
+def hf_model() -> CvtForImageClassification:
+    torch.manual_seed(0)
+    model = CvtForImageClassification(CvtConfig(**HF_TINY))
+    randomize_batchnorm(model)
+    return model.eval()
+
+
+def test_hf_model_converted_to_ours_gives_its_logits(hf_model):
+    ours = from_hf(hf_model, hf_numerics=True).eval()
+    x = torch.randn(2, 3, 64, 56)
+    with torch.no_grad():
+        expected = hf_model(x).logits
+        torch.testing.assert_close(ours(x), expected, atol=1e-5, rtol=0)
+        ours.set_fused_attn(False)
+        torch.testing.assert_close(ours(x), expected, atol=1e-5, rtol=0)
+
+
+def test_every_layernorm_eps_matches_hf(hf_model):
+    """HF_NUMERICS only switches the activation: each HF LayerNorm already has the eps of ours."""
+    ours = from_hf(hf_model, hf_numerics=True)
+    hf_modules = dict(hf_model.named_modules())
+    norms = [(name, m) for name, m in ours.named_modules() if isinstance(m, torch.nn.LayerNorm)]
+    assert len(norms) == sum(isinstance(m, torch.nn.LayerNorm) for m in hf_modules.values())
+    for name, norm in norms:
+        (hf_weight,) = _rename({f"{name}.weight": None}, to_hf=True)
+        assert hf_modules[hf_weight.removesuffix(".weight")].eps == norm.eps, name
+
+
+def test_official_numerics_stay_the_default(hf_model):
+    ours = from_hf(hf_model).eval()
+    assert ours.config["act_layer"] == "quick_gelu"
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert (ours(x) - hf_model(x).logits).abs().max() > 1e-4  # QuickGELU is not GELU
+
+
+def test_ours_converted_back_loads_strictly(hf_model):
+    back = to_hf(from_hf(hf_model, hf_numerics=True))
+    assert back.config.num_channels == hf_model.config.num_channels
+    for name in set(_HF_CONFIG_NAMES) - {"num_channels"}:
+        assert list(getattr(back.config, name)) == list(getattr(hf_model.config, name)), name
+    fresh = CvtForImageClassification(hf_model.config).eval()
+    fresh.load_state_dict(back.state_dict(), strict=True)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(x).logits, hf_model(x).logits, atol=0, rtol=0)
+
+
+def test_zoo_model_through_hf_directory_offline(tmp_path):
+    torch.manual_seed(1)
+    ours = cvt.create_model("cvt_13_224", num_classes=3, act_layer="gelu", **TINY).eval()
+    randomize_batchnorm(ours)
+    ours.pretrained_cfg["label_names"] = ["cat", "dog", "bird"]
+    save_hf(ours, tmp_path / "hf")
+    hf_model = CvtForImageClassification.from_pretrained(tmp_path / "hf", local_files_only=True).eval()
+    assert hf_model.config.id2label == {0: "cat", 1: "dog", 2: "bird"}
+    x = torch.randn(2, 3, 48, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(hf_model(x).logits, ours(x), atol=1e-5, rtol=0)
+        # back through the directory: with create_model (our loader, no transformers needed) and from_hf
+        again = cvt.create_model("cvt_13_224", pretrained=tmp_path / "hf", act_layer="gelu").eval()
+        torch.testing.assert_close(again(x), ours(x), atol=0, rtol=0)
+        assert again.pretrained_cfg["label_names"] == ["cat", "dog", "bird"]
+        torch.testing.assert_close(from_hf(tmp_path / "hf", hf_numerics=True).eval()(x), ours(x), atol=0, rtol=0)
+
+
+def test_imagenet_labels_for_a_1000_class_model(tmp_path):
+    config = to_hf(cvt.create_model("cvt_13_224", **TINY)).config
+    assert config.num_labels == 1000
+    assert config.id2label[0].startswith("tench")
+
+
+def test_hf_config_defaults_are_cvt_defaults():
+    """transformers writes only non-default config fields; reading one relies on both defaults being CvT-13's."""
+    hf_defaults = CvtConfig()
+    ours = inspect.signature(CvT).parameters
+    assert hf_defaults.num_channels == ours["in_chans"].default
+    for hf_name, our_name in _HF_CONFIG_NAMES.items():
+        if our_name != "in_chans":
+            assert list(getattr(hf_defaults, hf_name)) == list(_per_stage(ours[our_name].default, our_name)), hf_name
+
+
+def test_hf_directory_with_only_non_default_fields(tmp_path):
+    """A config.json that leaves out CvT-13's values (as transformers may) still gives CvT-13."""
+    torch.manual_seed(2)
+    ours = cvt.create_model("cvt_21_224", num_classes=4, embed_dims=(16, 32, 48), num_heads=(1, 2, 3)).eval()
+    save_hf(ours, tmp_path / "hf")
+    (tmp_path / "hf" / "config.json").write_text('{"model_type": "cvt", "embed_dim": [16, 32, 48], '
+                                                  '"num_heads": [1, 2, 3], "depth": [1, 4, 16]}')
+    checkpoint = load_checkpoint(tmp_path / "hf")
+    assert checkpoint.model_args["depths"] == [1, 4, 16] and checkpoint.model_args["stride_kv"] == 2
+    assert checkpoint.num_classes == 4
+    again = cvt.create_model("cvt_21_224", pretrained=tmp_path / "hf").eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(again(x), ours(x), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("option, message", [
+    (dict(proj_method="avg"), "only 'dw_bn' works"),
+    (dict(pos_embed=True), "position embeddings"),
+    (dict(depths=(1, 1, 2)), r"depths\[i\] > i"),
+    (dict(head_norm_eps=1e-6), "LayerNorm eps"),
+])
+def test_what_hf_cannot_represent_is_a_clear_error(option, message):
+    model = cvt.create_model("cvt_13_224", **dict(TINY, **option))
+    with pytest.raises(ValueError, match=f"cannot represent this model: .*{message}"):
+        to_hf(model)
+
+
+def test_from_hf_refuses_a_directory_of_ours(tmp_path):
+    cvt.create_model("cvt_13_224", **TINY).save_pretrained(tmp_path / "ours")
+    with pytest.raises(ValueError, match="not a Hugging Face CvT directory"):
+        from_hf(tmp_path / "ours")

@@ -1,0 +1,239 @@
+"""Checkpoint formats, head re-initialisation, mismatch errors, save_pretrained and `cvt convert`."""
+import json
+import os
+import warnings
+
+import pytest
+import timm
+import torch
+import torchvision
+from safetensors.torch import save_file
+
+import cvt
+from cvt.cli import main
+from cvt.weights import (
+    Checkpoint, _rename, load_checkpoint, load_state_dict, load_weights, model_from_checkpoint, save_pretrained,
+)
+
+TINY = dict(embed_dims=(16, 32, 48), depths=(1, 1, 2), num_heads=(1, 2, 3))
+X = torch.randn(2, 3, 48, 40)
+
+
+def tiny(num_classes: int = 7, seed: int = 0, **kwargs) -> cvt.CvT:
+    torch.manual_seed(seed)
+    model = cvt.create_model("cvt_13_224", num_classes=num_classes, **dict(TINY, **kwargs)).eval()
+    for m in model.modules():  # non-trivial BatchNorm state, so a buffer that fails to load shows
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.normal_()
+            m.running_var.uniform_(0.5, 2.0)
+    return model
+
+
+def outputs(model: torch.nn.Module) -> torch.Tensor:
+    with torch.no_grad():
+        return model.eval()(X)
+
+
+@pytest.fixture(scope="module")
+def source() -> cvt.CvT:
+    return tiny()
+
+
+@pytest.mark.parametrize("wrapper", [None, "state_dict", "model"])
+@pytest.mark.parametrize("prefix", ["", "module."])
+def test_official_pth_bare_wrapped_and_prefixed(tmp_path, source, wrapper, prefix):
+    state_dict = {prefix + k: v for k, v in source.state_dict().items()}
+    obj = {wrapper: state_dict, "epoch": 300, "best_perf": 0.816} if wrapper else state_dict
+    torch.save(obj, tmp_path / "ckpt.pth")
+    loaded = cvt.create_model("cvt_13_224", pretrained=tmp_path / "ckpt.pth", **TINY)
+    assert loaded.num_classes == 7
+    torch.testing.assert_close(outputs(loaded), outputs(source), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("names", ["official", "hf"])
+def test_safetensors_file_in_official_or_hf_names(tmp_path, source, names):
+    state_dict = source.state_dict()
+    if names == "hf":
+        state_dict = _rename(state_dict, to_hf=True)
+        assert "cvt.encoder.stages.2.cls_token" in state_dict
+    save_file(state_dict, tmp_path / "w.safetensors")
+    loaded = cvt.create_model("cvt_13_224", pretrained=tmp_path / "w.safetensors", **TINY)
+    torch.testing.assert_close(outputs(loaded), outputs(source), atol=0, rtol=0)
+
+
+def test_save_pretrained_round_trip(tmp_path, source):
+    source.pretrained_cfg["label_names"] = [f"class {i}" for i in range(7)]
+    source.save_pretrained(tmp_path / "run")
+    assert sorted(os.listdir(tmp_path / "run")) == ["config.json", "model.safetensors"]
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["model"] == "cvt_13_224" and config["model_args"]["embed_dims"] == [16, 32, 48]
+    # the saved config dictates the architecture: no overrides needed to read it back
+    loaded = cvt.create_model("cvt_13_224", pretrained=tmp_path / "run")
+    torch.testing.assert_close(outputs(loaded), outputs(source), atol=0, rtol=0)
+    assert loaded.pretrained_cfg["label_names"][6] == "class 6"
+    assert loaded.pretrained_cfg["num_classes"] == 7
+    torch.testing.assert_close(outputs(model_from_checkpoint(tmp_path / "run")), outputs(source), atol=0, rtol=0)
+
+
+def test_saved_model_name_must_match(tmp_path, source):
+    source.save_pretrained(tmp_path / "run")
+    with pytest.raises(ValueError, match=r"holds cvt_13_224 weights, not cvt_21_384: call "
+                                         r"cvt.create_model\('cvt_13_224'"):
+        cvt.create_model("cvt_21_384", pretrained=tmp_path / "run")
+
+
+def test_hf_config_of_another_zoo_model_names_the_right_call():
+    arch = dict(embed_dims=[64, 192, 384], depths=[1, 4, 16], num_heads=[1, 3, 6])
+    checkpoint = Checkpoint({}, "hf-dir", "hf", arch)
+    with pytest.raises(ValueError, match="holds cvt_21_224 / cvt_21_384 weights, not cvt_13_224"):
+        load_checkpoint(checkpoint, expect_model="cvt_13_224")
+    assert load_checkpoint(checkpoint, expect_model="cvt_21_384") is checkpoint
+
+
+def test_load_weights_into_a_model_built_directly(tmp_path, source):
+    source.save_pretrained(tmp_path / "run")
+    model = cvt.CvT(num_classes=7, **TINY)
+    assert load_weights(model, tmp_path / "run" / "model.safetensors") is model
+    torch.testing.assert_close(outputs(model), outputs(source), atol=0, rtol=0)
+
+
+def test_other_num_classes_reinitialises_the_head_and_says_so(tmp_path, source):
+    torch.save(source.state_dict(), tmp_path / "ckpt.pth")
+    with pytest.warns(UserWarning, match="has a 7-class head, the model 3 classes: its head is freshly initialised"):
+        model = cvt.create_model("cvt_13_224", pretrained=tmp_path / "ckpt.pth", num_classes=3, **TINY)
+    assert model.head.weight.shape == (3, 48)
+    for key, value in source.state_dict().items():
+        if not key.startswith("head."):
+            assert torch.equal(model.state_dict()[key], value), key
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # leaving the head out (a backbone) is no surprise: no warning
+        features = cvt.create_model("cvt_13_224", pretrained=tmp_path / "ckpt.pth", features_only=True, **TINY)
+    with torch.no_grad():
+        maps, _ = source.forward_intermediates(X)
+        torch.testing.assert_close(features.eval()(X)[2], maps[2], atol=0, rtol=0)
+
+
+def test_mismatch_lists_missing_unexpected_and_wrongly_shaped_keys(source):
+    state_dict = dict(source.state_dict())
+    del state_dict["stage2.blocks.1.mlp.fc2.bias"]
+    state_dict["stage2.blocks.1.extra.weight"] = torch.zeros(3)
+    state_dict["stage1.patch_embed.proj.weight"] = torch.zeros(32, 16, 5, 5)
+    with pytest.raises(ValueError) as e:
+        load_state_dict(tiny(), state_dict, "ckpt.pth")
+    message = str(e.value)
+    assert "1 missing keys: stage2.blocks.1.mlp.fc2.bias" in message
+    assert "1 unexpected keys: stage2.blocks.1.extra.weight" in message
+    assert ("1 wrongly-shaped keys: stage1.patch_embed.proj.weight (32, 16, 5, 5) in the checkpoint, "
+            "(32, 16, 3, 3) in the model") in message
+
+
+def test_checkpoint_of_another_cvt_says_which_it_looks_like():
+    with torch.device("meta"):  # shapes are all the check reads
+        cvt_13 = cvt.create_model("cvt_13_224").state_dict()
+        cvt_21 = cvt.create_model("cvt_21_224")
+    with pytest.raises(ValueError, match=r"(?s)248 missing keys: stage1.blocks.2.*looks like cvt_13_224 / "
+                                         r"cvt_13_384 \(embed_dims \[64, 192, 384\], depths \[1, 2, 10\]\)"):
+        load_state_dict(cvt_21, cvt_13, "CvT-13-224x224-IN-1k.pth")
+
+
+def test_checkpoint_of_another_architecture(tmp_path):
+    torch.save(torchvision.models.resnet18(num_classes=10).state_dict(), tmp_path / "resnet.pth")
+    with pytest.raises(ValueError, match="not a CvT checkpoint: it has no stage0.patch_embed.proj.weight "
+                                         r"\(its first keys: conv1.weight"):
+        cvt.create_model("cvt_13_224", pretrained=tmp_path / "resnet.pth", **TINY)
+    (tmp_path / "vit").mkdir()
+    (tmp_path / "vit" / "config.json").write_text('{"model_type": "vit"}')
+    with pytest.raises(ValueError, match="model_type 'vit'.*another architecture"):
+        cvt.create_model("cvt_13_224", pretrained=tmp_path / "vit")
+
+
+def test_missing_and_unreadable_files(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no checkpoint at .*nowhere.pth: pass the path"):
+        cvt.create_model("cvt_13_224", pretrained=tmp_path / "nowhere.pth")
+    with pytest.raises(FileNotFoundError, match="has no config.json"):
+        cvt.create_model("cvt_13_224", pretrained=tmp_path)
+    (tmp_path / "junk.safetensors").write_bytes(b"not safetensors")
+    with pytest.raises(ValueError, match="not a readable safetensors file"):
+        cvt.create_model("cvt_13_224", pretrained=tmp_path / "junk.safetensors")
+    torch.save([torch.zeros(1)], tmp_path / "list.pth")
+    with pytest.raises(ValueError, match="holds list, not a state dict"):
+        cvt.create_model("cvt_13_224", pretrained=tmp_path / "list.pth")
+
+
+class Payload:
+    """A pickle that would run code when loaded without weights_only."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_pickles_load_with_weights_only(tmp_path, source):
+    marker = tmp_path / "code-ran"
+    torch.save({"state_dict": source.state_dict(), "extra": Payload(str(marker))}, tmp_path / "evil.pth")
+    with pytest.raises(ValueError, match="weights_only=True refuses"):
+        cvt.create_model("cvt_13_224", pretrained=tmp_path / "evil.pth", **TINY)
+    assert not marker.exists()
+
+
+def test_bare_state_dict_without_a_name_is_a_clear_error(tmp_path, source):
+    torch.save(source.state_dict(), tmp_path / "ckpt.pth")
+    with pytest.raises(ValueError, match="does not say which model it is: name it"):
+        model_from_checkpoint(tmp_path / "ckpt.pth")
+
+
+def test_save_pretrained_is_atomic(tmp_path, source):
+    source.pretrained_cfg["not json"] = object()
+    with pytest.raises(TypeError):
+        save_pretrained(source, tmp_path / "run")
+    assert os.listdir(tmp_path) == []  # neither the directory nor a temporary one left behind
+    del source.pretrained_cfg["not json"]
+    # an existing directory keeps what is not ours (a training run's log)
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "log.txt").write_text("epoch 1")
+    save_pretrained(source, tmp_path / "run")
+    assert sorted(os.listdir(tmp_path / "run")) == ["config.json", "log.txt", "model.safetensors"]
+    assert sorted(os.listdir(tmp_path)) == ["run"]
+
+
+def test_timm_create_model_with_a_local_file(tmp_path, source):
+    torch.save(source.state_dict(), tmp_path / "ckpt.pth")
+    overlay = dict(file=str(tmp_path / "ckpt.pth"))
+    model = timm.create_model("cvt_13_224", pretrained=True, pretrained_cfg_overlay=overlay, **TINY)
+    torch.testing.assert_close(outputs(model), outputs(source), atol=0, rtol=0)
+
+
+def test_cli_convert_official_to_ours_safetensors_and_hf(tmp_path, source, capsys):
+    torch.save({"model": source.state_dict()}, tmp_path / "ckpt.pth")
+    tiny_set = ["--set", "embed_dims=[16,32,48]", "depths=[1,1,2]", "num_heads=[1,2,3]"]
+    main(["convert", str(tmp_path / "ckpt.pth"), "--model", "cvt_13_224", "--output", str(tmp_path / "ours"),
+          *tiny_set])
+    assert "wrote" in capsys.readouterr().out
+    torch.testing.assert_close(outputs(cvt.create_model("cvt_13_224", pretrained=tmp_path / "ours")),
+                               outputs(source), atol=0, rtol=0)
+    main(["convert", str(tmp_path / "ours"), "--output", str(tmp_path / "w.safetensors")])
+    loaded = cvt.create_model("cvt_13_224", pretrained=tmp_path / "w.safetensors", **TINY)
+    torch.testing.assert_close(outputs(loaded), outputs(source), atol=0, rtol=0)
+    with pytest.raises(SystemExit):
+        main(["convert", str(tmp_path / "ckpt.pth"), "--output", str(tmp_path / "x"), *tiny_set])
+    assert "does not say which model it is" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["convert", str(tmp_path / "ours"), "--from", "hf", "--output", str(tmp_path / "y")])
+    assert "is a 'cvt' checkpoint, not 'hf'" in capsys.readouterr().err
+
+
+def test_cli_convert_to_hf_and_back(tmp_path):
+    from transformers import CvtForImageClassification
+
+    model = tiny(num_classes=4, depths=(1, 2, 3), act_layer="gelu")  # HF needs depths[i] > i
+    model.save_pretrained(tmp_path / "ours")
+    main(["convert", str(tmp_path / "ours"), "--to", "hf", "--output", str(tmp_path / "hf")])
+    hf_model = CvtForImageClassification.from_pretrained(tmp_path / "hf", local_files_only=True).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(hf_model(X).logits, outputs(model), atol=1e-5, rtol=0)
+    main(["convert", str(tmp_path / "hf"), "--from", "hf", "--output", str(tmp_path / "back"),
+          "--set", "act_layer=gelu"])
+    back = model_from_checkpoint(tmp_path / "back")
+    torch.testing.assert_close(outputs(back), outputs(model), atol=0, rtol=0)
