@@ -1,0 +1,128 @@
+"""Export to ONNX and TorchScript: one file for every batch size and resolution, checked before it is kept.
+
+CvT has no position embedding, so a single exported graph with a dynamic batch, height and width serves every
+input size. An export is written to a temporary file, run at two resolutions (the native one and a non-square
+one) and two batch sizes against the PyTorch model, and only moved into place when every output matches.
+
+ONNX goes through `torch.export` (`torch.onnx.export(..., dynamo=True)`) and is checked with ONNX Runtime on
+the CPU; `onnx`, `onnxscript` and `onnxruntime` are the optional `export` extra. TorchScript is traced: the
+traced graph computes every shape from the input, so it too runs at any batch size and resolution.
+
+The plain model is exported, not `cvt.optimize_for_inference(model)`: ONNX Runtime folds BatchNorm into the
+convolutions by itself and ran the fused k/v graph slower than the plain one on the CPU, and traced TorchScript
+ran it no faster, so the rewrite would only add a step.
+"""
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+__all__ = ["FORMATS", "ExportCheck", "check_sizes", "export_model"]
+
+FORMATS = ("onnx", "torchscript")
+CHECK_BATCH_SIZES = (1, 2)
+
+
+@dataclass
+class ExportCheck:
+    """The largest absolute difference from the PyTorch model's outputs, per (batch, height, width) run."""
+
+    max_abs_diff: dict[tuple[int, int, int], float]
+    atol: float
+
+    @property
+    def passed(self) -> bool:
+        return all(d <= self.atol for d in self.max_abs_diff.values())
+
+    def summary(self) -> str:
+        return ", ".join(f"{b}x3x{h}x{w}: {d:.1e}" for (b, h, w), d in self.max_abs_diff.items())
+
+
+def check_sizes(model: nn.Module) -> list[tuple[int, int]]:
+    """The native resolution and a non-square one 32 px taller and narrower (224x224 and 256x192 at 224)."""
+    h, w = model.img_size
+    return [(h, w), (h + 32, max(w - 32, model.min_input_size))]
+
+
+def _export_onnx(model: nn.Module, example: torch.Tensor, path: str) -> None:
+    batch = torch.export.Dim("batch")
+    height = torch.export.Dim("height", min=model.min_input_size)
+    width = torch.export.Dim("width", min=model.min_input_size)
+    program = torch.onnx.export(
+        model, (example,), dynamo=True, verbose=False, input_names=["images"], output_names=["logits"],
+        dynamic_shapes={"x": {0: batch, 2: height, 3: width}},
+    )
+    # One self-contained file (every CvT is far below protobuf's 2 GB limit), so it can be moved into place whole.
+    program.save(path, external_data=False)
+
+
+def _load_onnx(path: str) -> Callable[[torch.Tensor], np.ndarray]:
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
+    input_name = session.get_inputs()[0].name
+    return lambda x: session.run(None, {input_name: x.numpy()})[0]
+
+
+def _export_torchscript(model: nn.Module, example: torch.Tensor, path: str) -> None:
+    # TorchScript is deprecated upstream but still what many C++ and mobile runtimes load; the warning is noise here.
+    # trace's own check_trace is skipped: export_model runs the saved file against the model at more shapes.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        torch.jit.save(torch.jit.trace(model, example, check_trace=False), path)
+
+
+def _load_torchscript(path: str) -> Callable[[torch.Tensor], np.ndarray]:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        module = torch.jit.load(path)
+    return lambda x: module(x).numpy()
+
+
+_EXPORTERS = {"onnx": (_export_onnx, _load_onnx), "torchscript": (_export_torchscript, _load_torchscript)}
+
+
+def _compare(run: Callable[[torch.Tensor], np.ndarray], model: nn.Module, atol: float, seed: int = 0) -> ExportCheck:
+    generator = torch.Generator().manual_seed(seed)
+    diffs = {}
+    for h, w in check_sizes(model):
+        for batch in CHECK_BATCH_SIZES:
+            x = torch.randn(batch, model.in_chans, h, w, generator=generator)
+            expected = model(x).numpy()
+            diffs[(batch, h, w)] = float(np.abs(run(x) - expected).max())
+    return ExportCheck(diffs, atol)
+
+
+@torch.no_grad()
+def export_model(model: nn.Module, path: str | os.PathLike, fmt: str, atol: float = 1e-4) -> ExportCheck:
+    """Export `model` (a CvT) to `path` as "onnx" or "torchscript" and check the file against PyTorch.
+
+    The file is written under a temporary name, run at `check_sizes(model)` with batch sizes 1 and 2, and moved to
+    `path` only if every output is within `atol` of the model's; otherwise nothing is left at `path` and a
+    ValueError says how far off it was. Returns the differences.
+    """
+    if fmt not in _EXPORTERS:
+        raise ValueError(f"unknown export format {fmt!r}: choose one of {FORMATS}")
+    export, load = _EXPORTERS[fmt]
+    model = model.eval()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        # Batch 2, not 1: torch.export specialises a dimension whose example size is 1.
+        export(model, torch.randn(2, model.in_chans, *model.img_size), str(tmp))
+        check = _compare(load(str(tmp)), model, atol)
+        if not check.passed:
+            raise ValueError(f"the {fmt} export does not reproduce the PyTorch outputs within {atol:g} "
+                             f"(max abs diff {check.summary()}); nothing was written to {path}")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return check

@@ -1,0 +1,102 @@
+"""ONNX and TorchScript export: one file runs at every batch size and resolution and matches PyTorch."""
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+import cvt
+from cvt.cli import main
+from cvt.export import check_sizes, export_model
+
+TINY = dict(num_classes=10, embed_dims=(16, 32, 48), depths=(1, 1, 2), num_heads=(1, 2, 3), img_size=64)
+# Shapes the export never saw (it is traced at batch 2, 64x64): other batch sizes, non-square, odd sizes.
+UNSEEN_SHAPES = [(1, 64, 64), (3, 64, 64), (1, 80, 48), (3, 56, 72)]
+
+
+def tiny_model():
+    torch.manual_seed(0)
+    model = cvt.create_model("cvt_13_224", **TINY).eval()
+    # Non-trivial BatchNorm statistics, so a graph that dropped or misplaced them would not match.
+    for name, buffer in model.named_buffers():
+        if name.endswith("running_mean"):
+            buffer.normal_(0, 0.1)
+        elif name.endswith("running_var"):
+            buffer.uniform_(0.5, 1.5)
+    return model
+
+
+@pytest.fixture(scope="module")
+def onnx_export(tmp_path_factory):
+    model = tiny_model()
+    path = tmp_path_factory.mktemp("onnx") / "tiny.onnx"
+    check = export_model(model, path, "onnx")
+    return model, path, check
+
+
+def assert_matches(run, model):
+    generator = torch.Generator().manual_seed(1)
+    for batch, h, w in UNSEEN_SHAPES:
+        x = torch.randn(batch, 3, h, w, generator=generator)
+        with torch.no_grad():
+            expected = model(x).numpy()
+        out = run(x)
+        assert out.shape == (batch, 10)
+        np.testing.assert_allclose(out, expected, atol=1e-4, rtol=0)
+
+
+def test_onnx_runtime_matches_pytorch_at_any_batch_and_size(onnx_export):
+    import onnxruntime
+
+    model, path, check = onnx_export
+    assert check.passed and set(check.max_abs_diff) == {(b, h, w) for b in (1, 2) for h, w in check_sizes(model)}
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    (images,) = session.get_inputs()
+    assert isinstance(images.shape[0], str) and images.shape[1] == 3
+    assert isinstance(images.shape[2], str) and isinstance(images.shape[3], str)
+    assert_matches(lambda x: session.run(None, {images.name: x.numpy()})[0], model)
+
+
+def test_onnx_file_is_self_contained(onnx_export):
+    _, path, _ = onnx_export
+    assert sorted(p.name for p in path.parent.iterdir()) == ["tiny.onnx"]
+
+
+def test_torchscript_matches_pytorch_at_any_batch_and_size(tmp_path):
+    model = tiny_model()
+    path = tmp_path / "tiny.pt"
+    check = export_model(model, path, "torchscript")
+    assert check.passed
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        scripted = torch.jit.load(str(path))
+    with torch.no_grad():
+        assert_matches(lambda x: scripted(x).numpy(), model)
+
+
+def test_failed_check_leaves_nothing_behind(tmp_path):
+    path = tmp_path / "tiny.pt"
+    with pytest.raises(ValueError, match="does not reproduce the PyTorch outputs"):
+        export_model(tiny_model(), path, "torchscript", atol=-1.0)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_unknown_format_is_named():
+    with pytest.raises(ValueError, match="unknown export format 'tflite'.*onnx"):
+        export_model(tiny_model(), "x.tflite", "tflite")
+
+
+def test_cli_export_with_checkpoint(tmp_path, capsys):
+    model = tiny_model()
+    model.save_pretrained(tmp_path / "weights")
+    out = tmp_path / "model.pt"
+    main(["export", "--model", "cvt_13_224", "--checkpoint", str(tmp_path / "weights"), "--format", "torchscript",
+          "--output", str(out)])
+    printed = capsys.readouterr().out
+    assert f"wrote {out}" in printed and "1x3x96x32" in printed
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        scripted = torch.jit.load(str(out))
+    x = torch.randn(2, 3, 72, 56)
+    with torch.no_grad():
+        torch.testing.assert_close(scripted(x), model(x), atol=1e-4, rtol=0)
