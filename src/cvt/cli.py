@@ -36,14 +36,143 @@ def cmd_flops(args: argparse.Namespace) -> None:
           f"{count_params(model):,} parameters")
 
 
+def cmd_export(args: argparse.Namespace) -> None:
+    from .export import export_model
+    from .model import create_model
+
+    model = create_model(args.model, pretrained=args.checkpoint)
+    try:
+        check = export_model(model, args.output, args.format, atol=args.atol)
+    except ImportError as e:
+        missing = e.name or "onnx, onnxscript and onnxruntime"
+        raise SystemExit(f"error: {args.format} export needs {missing}: pip install 'cvt-pytorch[export]'") from None
+    print(f"wrote {args.output}: {args.format}, dynamic batch, height and width; checked against PyTorch, "
+          f"max abs diff {check.summary()} (limit {args.atol:g})")
+
+
+def cmd_attention(args: argparse.Namespace) -> None:
+    from .inspect import attention_maps, draw_attention, load_image
+    from .model import create_model
+
+    if args.checkpoint is None:
+        print("note: no --checkpoint, so the weights are random and the maps show no learned attention",
+              file=sys.stderr)
+    model = create_model(args.model, pretrained=args.checkpoint)
+    size = (args.img_size * 2)[:2] if args.img_size else None
+    picture, images = load_image(args.image, model, size)
+    maps = attention_maps(model, images)
+    draw_attention(picture, maps, args.output, title=f"{args.model} @ {picture.height}x{picture.width}")
+    (kh, kw), (h, w) = maps.key_grid, maps.token_grid
+    print(f"wrote {args.output}: class-token attention of the last block ({maps.last_block.shape[1]} heads over "
+          f"{kh}x{kw} keys) and rollout over the last stage ({h}x{w} tokens), input {picture.height}x{picture.width}")
+
+
+def cmd_profile(args: argparse.Namespace) -> None:
+    import torch
+
+    from .inspect import profile_stages
+    from .model import create_model
+
+    with torch.device("meta"):  # shapes only: profiling needs no weights
+        model = create_model(args.model, **parse_overrides(args.set))
+    size = args.img_size or model.img_size[0]
+    mib = 2.0 ** 20
+    rows = [("stage", "tokens", "blocks", "heads", "queries", "keys", "params", "GMACs", "activations MiB",
+             "attention MiB")]
+    stages = profile_stages(model, size)
+    for s in stages:
+        attention = (f"{s.token_grid[0]}x{s.token_grid[1]}", str(s.blocks), str(s.heads), str(s.queries),
+                     str(s.keys)) if s.token_grid else ("-",) * 5
+        rows.append((s.name, *attention, f"{s.params:,}", f"{s.macs / 1e9:.3f}", f"{s.activation_bytes / mib:.1f}",
+                     f"{s.attention_bytes / mib:.1f}"))
+    rows.append(("total", "", str(sum(s.blocks for s in stages)), "", "", "", f"{sum(s.params for s in stages):,}",
+                 f"{sum(s.macs for s in stages) / 1e9:.3f}", f"{sum(s.activation_bytes for s in stages) / mib:.1f}",
+                 f"{sum(s.attention_bytes for s in stages) / mib:.1f}"))
+    print(f"{args.model} @ {size}x{size}, one image: queries and keys per attention block (class token "
+          "included); activations are the tensors saved for the backward pass (float32, reference attention), "
+          "of which attention is the attention matrices")
+    print_table(rows)
+
+
+def cmd_convert(args: argparse.Namespace) -> None:
+    from .flops import count_params
+    from .weights import load_checkpoint, model_from_checkpoint, save_hf, save_safetensors
+
+    checkpoint = load_checkpoint(args.checkpoint)
+    if args.source_format and checkpoint.kind != args.source_format:
+        raise ValueError(f"{args.checkpoint} is a {checkpoint.kind!r} checkpoint, not {args.source_format!r}")
+    model = model_from_checkpoint(checkpoint, args.model, num_classes=args.num_classes, **parse_overrides(args.set))
+    target = args.to or ("safetensors" if args.output.endswith(".safetensors") else "cvt")
+    if target == "hf":
+        try:
+            save_hf(model, args.output)
+        except ImportError as e:
+            raise SystemExit(f"error: --to hf needs {e.name}: pip install 'cvt-pytorch[hf]'") from None
+    elif target == "safetensors":
+        save_safetensors(model.state_dict(), args.output)
+    else:
+        model.save_pretrained(args.output)
+    print(f"wrote {args.output} ({target}) from {args.checkpoint} ({checkpoint.kind}): "
+          f"{getattr(model, 'model_name', None) or 'CvT'}, {count_params(model):,} parameters, "
+          f"{model.num_classes} classes")
+
+
+def cmd_ablate(args: argparse.Namespace) -> None:
+    from .ablations import PAPER_MODEL, describe_study, results_table, run_study, summarize
+
+    if args.dry_run:
+        if args.config:
+            from .engine import load_config
+
+            model_cfg = load_config(args.config, args.set or [])["model"]
+            name, model_args = model_cfg["name"], model_cfg.get("args") or {}
+        else:
+            name, model_args = PAPER_MODEL, {}
+        rows = [("variant", "overrides", "params", "GMACs @224", "paper GMACs")]
+        for r in describe_study(args.study, name, model_args):
+            overrides = ", ".join(f"{k}={v}" for k, v in r["overrides"].items())
+            rows.append((r["variant"], overrides, f"{r['params']:,}", f"{r['gmacs_224']:.3f}",
+                         "" if r["paper_gmacs"] is None else f"{r['paper_gmacs']:.2f}"))
+        base = f" with {model_args}" if model_args else ""
+        print(f"{args.study} study on {name}{base}: 1000 classes, MACs for one 224x224 image")
+        print_table(rows)
+        return
+    if not args.config:
+        raise ValueError("training a study needs --config FILE (e.g. configs/ablate_digits.yaml); "
+                         "add --dry-run to list the variants without training")
+    from .engine import load_config
+
+    config = load_config(args.config, args.set or [])
+    rows = run_study(args.study, config, seeds=args.seeds, output_dir=args.output)
+    print(results_table(summarize(rows)))
+
+
+def cmd_benchmark(args: argparse.Namespace) -> None:
+    from .benchmark import MODES, results_markdown, run_benchmark, write_report
+
+    report = run_benchmark(
+        args.model, batch_size=args.batch_size, img_size=args.img_size, device=args.device, dtype=args.dtype,
+        threads=args.threads, warmup=args.warmup, repeats=args.repeats, modes=tuple(args.modes or MODES),
+        compile_fast=not args.no_compile, latency=not args.no_latency, training=not args.no_train,
+        train_batch_size=args.train_batch_size, memory=not args.no_memory, peak_tflops=args.peak_tflops,
+        overrides=parse_overrides(args.set),
+    )
+    print(results_markdown(report))
+    if args.out:
+        json_path, md_path = write_report(report, args.out)
+        print(f"wrote {json_path} and {md_path}")
+
+
 def print_table(rows: list[tuple[str, ...]]) -> None:
-    """A markdown table: readable in a terminal and pasteable into docs."""
+    print(format_table(rows))
+
+
+def format_table(rows: list[tuple[str, ...]]) -> str:
+    """A markdown table (first row the header): readable in a terminal and pasteable into docs."""
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     line = lambda r: "| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |"  # noqa: E731
-    print(line(rows[0]))
-    print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
-    for r in rows[1:]:
-        print(line(r))
+    rule = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
+    return "\n".join([line(rows[0]), rule, *map(line, rows[1:])])
 
 
 def parse_overrides(pairs: list[str] | None) -> dict:
@@ -72,6 +201,78 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--img-size", type=int, default=None, help="input resolution (default: the model's native)")
     p.add_argument("--set", nargs="*", metavar="KEY=VALUE", help="model overrides, e.g. stride_kv=1")
     p.set_defaults(func=cmd_flops)
+
+    p = sub.add_parser("export", help="export to ONNX or TorchScript (dynamic batch and size), checked against PyTorch")
+    p.add_argument("--model", required=True, help="a name from `cvt models`")
+    p.add_argument("--checkpoint", default=None, help="weights: an official .pth, .safetensors or a model directory")
+    p.add_argument("--format", required=True, choices=("onnx", "torchscript"))
+    p.add_argument("--output", required=True, help="the file to write (e.g. cvt_13.onnx)")
+    p.add_argument("--atol", type=float, default=1e-4, help="largest allowed difference from the PyTorch logits")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("attention", help="draw the class token's attention and attention rollout over an image")
+    p.add_argument("image", help="an image file (any format Pillow reads)")
+    p.add_argument("--model", required=True, help="a name from `cvt models`")
+    p.add_argument("--checkpoint", default=None, help="weights: an official .pth, .safetensors or a model directory")
+    p.add_argument("--output", required=True, help="the figure to write (e.g. attention.png)")
+    p.add_argument("--img-size", type=int, nargs="+", metavar="N", default=None,
+                   help="input size: N or H W (default: the model's native)")
+    p.set_defaults(func=cmd_attention)
+
+    p = sub.add_parser("profile", help="per-stage params, MACs, tokens and activation memory")
+    p.add_argument("--model", required=True, help="a name from `cvt models`")
+    p.add_argument("--img-size", type=int, default=None, help="input resolution (default: the model's native)")
+    p.add_argument("--set", nargs="*", metavar="KEY=VALUE", help="model overrides, e.g. stride_kv=1")
+    p.set_defaults(func=cmd_profile)
+
+    p = sub.add_parser("convert", help="convert weights: official .pth / .safetensors / Hugging Face / ours")
+    p.add_argument("checkpoint", help="an official .pth, a .safetensors file, a Hugging Face CvT directory or a "
+                                      "save_pretrained directory (the format is detected)")
+    p.add_argument("--output", required=True, help="a directory (--to cvt or hf) or a .safetensors file")
+    p.add_argument("--to", choices=("cvt", "hf", "safetensors"), default=None,
+                   help="cvt: a save_pretrained directory; hf: a directory transformers' "
+                        "CvtForImageClassification.from_pretrained loads; safetensors: one file in the official "
+                        "names (default: safetensors when --output ends in .safetensors, else cvt)")
+    p.add_argument("--from", dest="source_format", choices=("official", "hf", "cvt"), default=None,
+                   help="require the checkpoint to be of this kind (official: a .pth or .safetensors state dict)")
+    p.add_argument("--model", default=None, help="a name from `cvt models`; needed for an official checkpoint, "
+                                                 "which does not say which model it is")
+    p.add_argument("--num-classes", type=int, default=None,
+                   help="a new classifier size (the head is re-initialised); default: the checkpoint's")
+    p.add_argument("--set", nargs="*", metavar="KEY=VALUE", help="model overrides, e.g. act_layer=gelu")
+    p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("ablate", help="run one of the paper's ablation studies: table and plot per variant")
+    p.add_argument("study", choices=("pos_embed", "token_embed", "kv_stride", "projection"))
+    p.add_argument("--config", default=None, help="the training recipe (YAML), e.g. configs/ablate_digits.yaml")
+    p.add_argument("--set", nargs="*", metavar="KEY=VALUE", help="recipe overrides, e.g. train.epochs=5")
+    p.add_argument("--seeds", type=int, default=3, help="seeds per variant: config seed, +1, ... (default 3)")
+    p.add_argument("--output", default=None, help="the study's directory (default runs/<name>_ablate_<study>); "
+                                                  "finished runs in it are not trained again")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print each variant's params and GMACs @224 only (default model: cvt_13_224)")
+    p.set_defaults(func=cmd_ablate)
+
+    p = sub.add_parser("benchmark", help="speed and memory side by side: ours (eager, fastest), Hugging Face, "
+                                         "official-style")
+    p.add_argument("--model", default="cvt_13_224")
+    p.add_argument("--batch-size", type=int, default=16, help="inference batch (and training batch by default)")
+    p.add_argument("--train-batch-size", type=int, default=None)
+    p.add_argument("--img-size", type=int, default=None, help="input resolution (default: the model's native)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when there is one)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: PyTorch's)")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=5, help="interleaved timed calls per mode; the median is kept")
+    p.add_argument("--modes", nargs="*", metavar="MODE", help="ours-eager ours-fast hf official-style (default all)")
+    p.add_argument("--no-compile", action="store_true", help="run ours-fast without torch.compile")
+    p.add_argument("--no-latency", action="store_true", help="skip the batch-1 latency")
+    p.add_argument("--no-train", action="store_true", help="skip the training step")
+    p.add_argument("--no-memory", action="store_true", help="skip peak memory")
+    p.add_argument("--peak-tflops", type=float, default=None, help="the device's bf16 peak, for the %% of peak")
+    p.add_argument("--set", nargs="*", metavar="KEY=VALUE", help="model overrides, e.g. depths=[1,1,2]")
+    p.add_argument("--out", default=None, help="directory for the JSON and markdown results")
+    p.set_defaults(func=cmd_benchmark)
 
     return parser
 
