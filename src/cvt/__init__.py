@@ -4,7 +4,8 @@
     model = cvt.create_model("cvt_13_224", pretrained="CvT-13-224x224-IN-1k.pth")
 """
 from .flops import count_macs
+from .fast import optimize_for_inference
 from .model import CvT, CvTFeatures, create_model, list_models
 
-__all__ = ["CvT", "CvTFeatures", "count_macs", "create_model", "list_models"]
+__all__ = ["CvT", "CvTFeatures", "count_macs", "create_model", "list_models", "optimize_for_inference"]
 __version__ = "0.1.0"

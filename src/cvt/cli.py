@@ -144,7 +144,8 @@ def cmd_ablate(args: argparse.Namespace) -> None:
 
     config = load_config(args.config, args.set or [])
     rows = run_study(args.study, config, seeds=args.seeds, output_dir=args.output)
-    print(results_table(summarize(rows)))
+    if rows:  # none when train.epochs_per_run stopped a run part-way
+        print(results_table(summarize(rows)))
 
 
 def cmd_benchmark(args: argparse.Namespace) -> None:
@@ -157,10 +158,73 @@ def cmd_benchmark(args: argparse.Namespace) -> None:
         train_batch_size=args.train_batch_size, memory=not args.no_memory, peak_tflops=args.peak_tflops,
         overrides=parse_overrides(args.set),
     )
+    words = ["cvt", "benchmark"]
+    for key, value in vars(args).items():
+        if key in ("command", "func", "out") or value in (None, False):
+            continue
+        words.append("--" + key.replace("_", "-"))
+        if value is not True:
+            words += [str(v) for v in value] if isinstance(value, list) else [str(value)]
+    report["command"] = " ".join(words)
     print(results_markdown(report))
     if args.out:
         json_path, md_path = write_report(report, args.out)
         print(f"wrote {json_path} and {md_path}")
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    import os
+    from pathlib import Path
+
+    from .engine import load_config, train
+
+    if isinstance(args.resume, str) and "=" in args.resume and not os.path.exists(args.resume):
+        raise ValueError(f"--resume took {args.resume!r} for its checkpoint path: put --resume after the "
+                         "KEY=VALUE overrides, or give it the path")
+    config = load_config(args.config, args.overrides)
+    for section, key, value in (("", "seed", args.seed), ("train", "epochs", args.epochs),
+                                ("train", "device", args.device), ("train", "resume", args.resume)):
+        if value is not None:
+            (config[section] if section else config)[key] = value
+    output = Path(args.output) if args.output else Path("runs") / config["name"]
+    summary = train(config, output)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"{summary['name']}: top-1 {summary['top1']:.2f}%, top-5 {summary['top5']:.2f}%, held-out loss "
+              f"{summary['loss']:.4f} after {summary['epochs']}/{summary['total_epochs']} epochs in "
+              f"{summary['seconds']:.0f} s ({summary['params']:,} parameters, {summary['device']}); "
+              f"summary.json, metrics, checkpoints and curves.png in {output}")
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    import json
+
+    from .engine import evaluate_checkpoint
+
+    data = {k: v for k, v in (("dataset", args.data), ("root", args.root), ("img_size", args.img_size),
+                              ("workers", args.workers), ("bad_images", args.bad_images)) if v is not None}
+    result = evaluate_checkpoint(args.checkpoint, args.model, data, args.batch_size, args.device)
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return
+    skipped = f", {result['skipped']} unreadable images skipped" if result["skipped"] else ""
+    print(f"{result['checkpoint']} on {result['dataset']} (held-out split, {result['images']} images at "
+          f"{result['img_size']}): top-1 {result['top1']:.2f}%, top-5 {result['top5']:.2f}%, "
+          f"loss {result['loss']:.4f}{skipped}")
+
+
+def cmd_predict(args: argparse.Namespace) -> None:
+    import json
+
+    from .predict import predict
+
+    results = predict(args.images, args.checkpoint, args.model, args.topk, args.device)
+    if args.json:
+        print(json.dumps(results, indent=2))
+        return
+    for result in results:
+        print(result["image"])
+        for p in result["predictions"]:
+            print(f"  {100 * p['probability']:6.2f}%  {p['label']}")
 
 
 def print_table(rows: list[tuple[str, ...]]) -> None:
@@ -274,6 +338,42 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="directory for the JSON and markdown results")
     p.set_defaults(func=cmd_benchmark)
 
+    p = sub.add_parser("train", help="train or fine-tune (no arguments: the digits default run on the CPU)")
+    p.add_argument("--config", default=None, help="a YAML recipe (configs/); default: the built-in digits run")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                   help="dotted config overrides, e.g. train.lr=1e-3 model.args.depths=[1,2,10]")
+    p.add_argument("--output", default=None, help="output directory (default: runs/<name>)")
+    p.add_argument("--resume", nargs="?", const=True, default=None, metavar="PATH",
+                   help="continue a run exactly: from OUTPUT/last.pth, or from PATH")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--device", default=None, help="auto (default), cpu, cuda, cuda:1, ...")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="top-1, top-5 and loss of a checkpoint on a held-out split")
+    p.add_argument("--checkpoint", required=True, help="a checkpoint written by `cvt train`, or any that "
+                   "create_model reads (then say --data)")
+    p.add_argument("--model", default=None, help="zoo name (default: the one the checkpoint names)")
+    p.add_argument("--data", default=None, help="digits, imagefolder, cifar10, cifar100, pets or flowers102 "
+                   "(default: the data a `cvt train` checkpoint was trained on)")
+    p.add_argument("--root", default=None, help="the dataset's local folder")
+    p.add_argument("--img-size", type=int, default=None, help="default: the training size, else the model's")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--workers", type=int, default=None)
+    p.add_argument("--bad-images", choices=("error", "skip"), default=None)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("predict", help="classify images: top-k labels and probabilities")
+    p.add_argument("images", nargs="+", metavar="IMAGE")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--model", default=None, help="zoo name (default: the one the checkpoint names)")
+    p.add_argument("--topk", type=int, default=5)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--json", action="store_true", help="print the predictions as JSON")
+    p.set_defaults(func=cmd_predict)
+
     return parser
 
 
@@ -281,7 +381,7 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (ValueError, FileNotFoundError, KeyError) as e:
+    except (ValueError, FileNotFoundError, KeyError, FloatingPointError) as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
 

@@ -1,0 +1,51 @@
+"""Classify image files with a CvT checkpoint: top-k labels and probabilities.
+
+Labels are the checkpoint's own class names (a model trained or fine-tuned by `cvt train`, a Hugging Face
+directory with id2label) or, for a 1000-class model, the ImageNet-1k names timm bundles.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+
+from .data import eval_transform
+from .engine import load_model, pick_device
+
+
+def label_names(model: torch.nn.Module) -> list[str]:
+    names = model.pretrained_cfg.get("label_names")
+    if names:
+        return list(names)
+    if model.num_classes == 1000:
+        from timm.data import ImageNetInfo
+
+        return ImageNetInfo().label_descriptions()
+    return [f"class {i}" for i in range(model.num_classes)]
+
+
+@torch.no_grad()
+def predict(images: list[str | os.PathLike], checkpoint: str | os.PathLike, model_name: str | None = None,
+            topk: int = 5, device: str = "auto") -> list[dict[str, Any]]:
+    """For each image: its path and the `topk` (label, class index, probability) predictions, best first."""
+    model = load_model(checkpoint, model_name)
+    device_ = pick_device(device)
+    model.to(device_).eval()
+    names = label_names(model)
+    transform = eval_transform({"img_size": model.pretrained_cfg["input_size"][-1]}, model.pretrained_cfg)
+    mode = "RGB" if model.in_chans == 3 else "L"
+    results = []
+    for path in images:
+        path = Path(path)
+        try:
+            image = Image.open(path).convert(mode)
+        except (OSError, SyntaxError) as e:
+            raise ValueError(f"cannot read {path} as an image: {e}") from None
+        probs = model(transform(image).unsqueeze(0).to(device_)).softmax(dim=-1)[0].float().cpu()
+        values, indices = probs.topk(min(topk, len(probs)))
+        results.append({"image": str(path), "predictions": [
+            {"label": names[i], "index": i, "probability": p} for p, i in zip(values.tolist(), indices.tolist())]})
+    return results

@@ -1,0 +1,60 @@
+"""The official-style reference computes our model's function; the benchmark runs end to end on a tiny model."""
+import copy
+import json
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from safetensors.torch import load_file
+
+import cvt
+from cvt.benchmark import MODES, OfficialStyleCvT
+from cvt.cli import main
+
+FIXTURES = Path("/work/shared/fixtures/official")
+
+
+def fixture_model(name: str) -> cvt.CvT:
+    spec = json.loads((FIXTURES / name / "spec.json").read_text())["spec"]
+    model = cvt.CvT(num_classes=10, embed_dims=spec["DIM_EMBED"], depths=spec["DEPTH"], num_heads=spec["NUM_HEADS"],
+                    proj_method=spec["QKV_PROJ_METHOD"], drop_path_rate=spec["DROP_PATH_RATE"])
+    model.load_state_dict(load_file(FIXTURES / name / "state_dict.safetensors"))
+    return model.eval()
+
+
+def test_official_style_reproduces_the_official_outputs():
+    for name in ("tiny_dw_bn", "tiny_avg"):
+        official = OfficialStyleCvT(fixture_model(name)).eval()
+        io = load_file(FIXTURES / name / "io.safetensors")
+        with torch.no_grad():
+            for x in ("x_64x64", "x_72x56"):
+                torch.testing.assert_close(official(io[f"input.{x}"]), io[f"logits.{x}"], atol=1e-5, rtol=0)
+
+
+def test_official_style_trains_like_our_model():
+    torch.manual_seed(0)
+    model = cvt.CvT(embed_dims=(16, 32, 48), depths=(1, 1, 2), num_heads=(1, 2, 3), num_classes=10,
+                    drop_path_rate=0.0).train()
+    official = OfficialStyleCvT(copy.deepcopy(model)).train()
+    x, y = torch.randn(3, 3, 40, 48), torch.tensor([1, 4, 7])
+    nn.functional.cross_entropy(model(x), y).backward()
+    nn.functional.cross_entropy(official(x), y).backward()
+    for (name, p), q in zip(model.named_parameters(), official.model.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, atol=1e-5, rtol=1e-4, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def test_benchmark_smoke_run_writes_json_and_markdown(tmp_path, capsys):
+    main(["benchmark", "--model", "cvt_13_224", "--img-size", "32", "--batch-size", "2", "--repeats", "1",
+          "--warmup", "0", "--no-compile", "--device", "cpu", "--out", str(tmp_path),
+          "--set", "embed_dims=[16,32,48]", "depths=[1,2,3]", "num_heads=[1,2,3]", "num_classes=10"])
+    printed = capsys.readouterr().out
+    report = json.loads((tmp_path / "cvt_13_224_cpu_float32_b2.json").read_text())
+    assert [row["mode"] for row in report["results"]] == list(MODES)
+    for row in report["results"]:
+        for key in ("infer_img_s", "latency_ms", "train_img_s"):
+            assert row[key] > 0, (row["mode"], key)
+    assert set(report["ratios"]) >= {"infer_throughput_fast_over_hf", "infer_throughput_fast_over_official-style",
+                                     "train_throughput_fast_over_official-style"}
+    assert report["threads"] == torch.get_num_threads() and report["versions"]["torch"] == torch.__version__
+    markdown = (tmp_path / "cvt_13_224_cpu_float32_b2.md").read_text()
+    assert "| ours-fast |" in markdown and "| official-style |" in markdown and markdown in printed

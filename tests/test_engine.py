@@ -1,0 +1,243 @@
+"""The training engine on tiny data: the default run, recipes, exact resume, divergence, accumulation,
+fine-tuning from a checkpoint made by `cvt train`."""
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from cvt.engine import DEFAULTS, build_model, load_config, read_training_checkpoint, train
+from cvt.cli import main
+from test_data import write_cifar, write_corrupt_imagefolder
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+QUIET = ["train.progress=false"]
+
+
+@pytest.fixture(scope="module")
+def digits_run(tmp_path_factory):
+    """The built-in default run, exactly as `cvt train` (and `make demo`) runs it."""
+    out = tmp_path_factory.mktemp("digits")
+    main(["train", "--output", str(out)])
+    return out
+
+
+def test_the_default_run_reaches_95_percent_and_writes_everything(digits_run, capsys):
+    summary = json.loads((digits_run / "summary.json").read_text())
+    assert summary["top1"] >= 95.0
+    for key in ("top1", "top5", "loss", "epochs", "seconds", "params"):
+        assert key in summary
+    assert summary["epochs"] == DEFAULTS["train"]["epochs"] and summary["finished"]
+    assert summary["dataset"] == "digits" and summary["num_classes"] == 10
+    rows = [json.loads(line) for line in (digits_run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == list(range(1, summary["epochs"] + 1))
+    assert rows[-1]["top1"] == summary["top1"]
+    assert rows[-1]["train_loss"] < rows[0]["train_loss"]
+    assert math.isclose(rows[-1]["lr"], DEFAULTS["train"]["min_lr"], rel_tol=1e-6)  # the cosine ran to its end
+    assert (digits_run / "metrics.csv").read_text().splitlines()[0].startswith("epoch,step,lr,train_loss")
+    assert (digits_run / "curves.png").read_bytes()[:4] == b"\x89PNG"
+    names = {p.name for p in digits_run.iterdir()}
+    keep = DEFAULTS["train"]["keep_epoch_checkpoints"]
+    epochs = [f"epoch_{e:04d}.pth" for e in range(summary["epochs"] - keep + 1, summary["epochs"] + 1)]
+    assert names == {"last.pth", "best.pth", "summary.json", "metrics.jsonl", "metrics.csv", "curves.png", *epochs}
+    best = read_training_checkpoint(digits_run / "best.pth")
+    assert best["epoch"] == summary["best_epoch"] and best["history"][-1]["top1"] == summary["best_top1"]
+
+
+def test_a_training_checkpoint_loads_with_weights_only_and_through_create_model(digits_run):
+    import cvt
+
+    state = torch.load(digits_run / "last.pth", map_location="cpu", weights_only=True)
+    assert {"model", "optimizer", "scheduler", "scaler", "ema", "rng", "epoch", "step", "config"} <= set(state)
+    assert state["pretrained_cfg"]["label_names"] == [str(d) for d in range(10)]
+    # A plain create_model call reads the weights under "model" (the architecture comes from the arguments).
+    model = cvt.create_model("cvt_13_224", pretrained=str(digits_run / "last.pth"), **DEFAULTS["model"]["args"])
+    assert model.num_classes == 10
+    assert torch.equal(model.state_dict()["head.weight"], state["model"]["head.weight"])
+
+
+def test_recipes_load_and_the_digits_recipe_is_the_default():
+    for path in CONFIGS.glob("*.yaml"):
+        load_config(path)
+    assert load_config(CONFIGS / "digits.yaml") == load_config(None)
+
+
+@pytest.mark.parametrize("recipe, model, weight_decay", [
+    ("cvt13_imagenet", "cvt_13_224", 0.05), ("cvt21_imagenet", "cvt_21_224", 0.1),
+    ("cvtw24_imagenet", "cvt_w24_384", 0.1)])
+def test_imagenet_recipes_are_the_papers(recipe, model, weight_decay):
+    c = load_config(CONFIGS / f"{recipe}.yaml")
+    t, d = c["train"], c["data"]
+    assert c["model"]["name"] == model and d["dataset"] == "imagefolder" and d["img_size"] == 224
+    assert c["model"]["args"] in ({}, {"img_size": 224})  # nothing of the digits model leaks in
+    assert t["optimizer"] == "adamw" and t["weight_decay"] == weight_decay
+    assert math.isclose(t["lr"] * t["batch_size"] / t["lr_base_batch"], 2e-3) and t["batch_size"] == 2048
+    assert (t["epochs"], t["warmup_epochs"], t["cooldown_epochs"]) == (300, 5, 10)
+    assert (t["warmup_lr"], t["min_lr"], t["label_smoothing"]) == (1e-6, 1e-5, 0.1)
+    assert (t["mixup"], t["cutmix"], t["mixup_prob"], t["amp"]) == (0.8, 1.0, 1.0, "fp16")
+    a = d["augment"]
+    assert a["scale"] == [0.08, 1.0] and a["hflip"] == 0.5 and a["color_jitter"] == 0.4
+    assert a["auto_augment"] == "rand-m9-mstd0.5-inc1" and a["interpolation"] == "bicubic"
+    assert (a["re_prob"], a["re_mode"], a["re_count"]) == (0.25, "pixel", 1)
+    assert (d["eval_crop_pct"], d["eval_crop_mode"]) == (0.875, "center")
+
+
+@pytest.mark.parametrize("target, dataset, steps", [
+    ("imagenet", "imagefolder", 20000), ("cifar10", "cifar10", 10000), ("cifar100", "cifar100", 10000),
+    ("pets", "pets", 500), ("flowers102", "flowers102", 500)])
+def test_finetune_recipes_are_the_papers(target, dataset, steps):
+    c = load_config(CONFIGS / f"finetune_{target}.yaml")
+    t, d = c["train"], c["data"]
+    assert d["dataset"] == dataset and d["img_size"] == 384 and c["model"]["name"] == "cvt_13_384"
+    assert c["model"]["pretrained"] and c["model"]["reset_head"] and c["model"]["args"] == {}
+    assert (t["optimizer"], t["momentum"], t["batch_size"], t["steps"]) == ("momentum", 0.9, 512, steps)
+    assert math.isclose(t["lr"] * t["batch_size"] / t["lr_base_batch"], 0.003)
+    assert (d["eval_crop_pct"], d["eval_crop_mode"]) == (1.0, "squash")
+
+
+def test_overrides_are_typed_and_unknown_keys_suggest_close_ones():
+    c = load_config(None, ["train.lr=1e-3", "model.args.depths=[1,1,1]", "train.amp=bf16", "seed=3"])
+    assert c["train"]["lr"] == 1e-3 and c["train"]["amp"] == "bf16" and c["seed"] == 3
+    assert c["model"]["args"] == dict(DEFAULTS["model"]["args"], depths=[1, 1, 1])
+    with pytest.raises(ValueError, match="unknown config key 'train.lrr': did you mean train.lr"):
+        load_config(None, ["train.lrr=1"])
+    with pytest.raises(ValueError, match="unknown config key 'dataa': did you mean data"):
+        load_config(None, ["dataa.root=x"])
+    with pytest.raises(ValueError, match="key=value"):
+        load_config(None, ["train.lr"])
+    with pytest.raises(ValueError, match="'train' is a section"):
+        load_config(None, ["train=3"])
+
+
+def tiny(out: Path, *overrides: str) -> dict:
+    """A short digits run (checkpoints every epoch, nothing kept beyond last and best)."""
+    config = load_config(None, [*QUIET, "train.keep_epoch_checkpoints=0", *overrides])
+    return train(config, out)
+
+
+def assert_same_tensors(a, b):
+    if isinstance(a, torch.Tensor):
+        assert torch.equal(a, b)
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys()
+        for k in a:
+            assert_same_tensors(a[k], b[k])
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b)
+        for x, y in zip(a, b):
+            assert_same_tensors(x, y)
+    else:
+        assert a == b
+
+
+def test_resume_continues_exactly(tmp_path):
+    # Drop path, Mixup and EMA exercise torch's and numpy's generators and the EMA state across the resume.
+    recipe = ["train.epochs=2", "model.args.drop_path_rate=0.2", "train.mixup=0.4", "train.ema_decay=0.9",
+              "data.val_fraction=0.5"]
+    tiny(tmp_path / "straight", *recipe)
+    first = tiny(tmp_path / "split", *recipe, "train.epochs_per_run=1")
+    assert first["epochs"] == 1 and not first["finished"]
+    resumed = tiny(tmp_path / "split", *recipe, "train.resume=true")
+    assert resumed["epochs"] == 2 and resumed["finished"]
+    a = torch.load(tmp_path / "straight" / "last.pth", weights_only=True)
+    b = torch.load(tmp_path / "split" / "last.pth", weights_only=True)
+    for key in ("model", "ema", "optimizer", "scheduler", "scaler", "rng", "step", "epoch"):
+        assert_same_tensors(a[key], b[key])
+    assert [r["top1"] for r in a["history"]] == [r["top1"] for r in b["history"]]
+    assert len((tmp_path / "split" / "metrics.jsonl").read_text().splitlines()) == 2
+
+
+def test_resume_from_nothing_or_from_foreign_weights_is_an_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nothing to resume from"):
+        tiny(tmp_path, "train.epochs=1", "train.resume=true")
+    torch.save({"model": {}}, tmp_path / "foreign.pth")
+    with pytest.raises(ValueError, match="not a training checkpoint written by `cvt train`"):
+        tiny(tmp_path, "train.epochs=1", f"train.resume={tmp_path / 'foreign.pth'}")
+
+
+def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, capsys):
+    steps_per_epoch = 1437 // 64
+    calls = []
+    real_forward = torch.nn.CrossEntropyLoss.forward
+
+    def forward(self, logits, targets):  # the loss turns NaN on the first step of epoch 2
+        calls.append(1)
+        loss = real_forward(self, logits, targets)
+        return loss * float("nan") if len(calls) > steps_per_epoch else loss
+
+    monkeypatch.setattr(torch.nn.CrossEntropyLoss, "forward", forward)
+    with pytest.raises(SystemExit) as exit_:
+        main(["train", "--epochs", "2", "--output", str(tmp_path), *QUIET])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert f"the loss is nan at epoch 2, step {steps_per_epoch + 1}" in err
+    assert f"the last good checkpoint is {tmp_path / 'last.pth'} (epoch 1)" in err
+    state = torch.load(tmp_path / "last.pth", weights_only=True)
+    assert state["epoch"] == 1 and all(torch.isfinite(v).all() for v in state["model"].values())
+    assert not (tmp_path / "summary.json").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no half-written file
+
+
+def test_gradient_accumulation_reaches_the_global_batch(tmp_path):
+    # Without BatchNorm (position-wise projections) 4 accumulated micro-batches of 16 make the same steps as
+    # batches of 64.
+    recipe = ["train.epochs=1", "model.args.proj_method=linear", "model.args.drop_path_rate=0",
+              "data.val_fraction=0.5"]
+    whole = tiny(tmp_path / "whole", *recipe)
+    accumulated = tiny(tmp_path / "accumulated", *recipe, "train.micro_batch_size=16")
+    assert whole["steps"] == accumulated["steps"] == 898 // 64
+    a = torch.load(tmp_path / "whole" / "last.pth", weights_only=True)["model"]
+    b = torch.load(tmp_path / "accumulated" / "last.pth", weights_only=True)["model"]
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=2e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match="not a multiple of micro_batch_size 24"):
+        tiny(tmp_path / "bad", *recipe, "train.micro_batch_size=24")
+
+
+def test_bf16_autocast_ema_and_clipping_run_and_are_evaluated(tmp_path):
+    summary = tiny(tmp_path, "train.epochs=1", "train.amp=bf16", "train.ema_decay=0.5", "train.clip_grad=1.0",
+                   "data.val_fraction=0.5")
+    assert {"ema_top1", "ema_top5", "ema_loss"} <= set(summary) and 0 <= summary["ema_top1"] <= 100
+    header = (tmp_path / "metrics.csv").read_text().splitlines()[0]
+    assert "ema_top1" in header
+    with pytest.raises(ValueError, match="train.amp must be null, bf16 or fp16"):
+        tiny(tmp_path / "x", "train.amp=fp8")
+
+
+def test_skipped_images_are_reported_at_the_end_of_the_epoch(tmp_path, capsys):
+    write_corrupt_imagefolder(tmp_path / "data")
+    # 12 readable training images and one broken one, all in one batch.
+    summary = tiny(tmp_path / "run", "data.dataset=imagefolder", f"data.root={tmp_path / 'data'}",
+                   "data.bad_images=skip", "train.batch_size=13", "train.epochs=1")
+    assert summary["epochs"] == 1
+    assert "skipped 1 unreadable images" in capsys.readouterr().out
+    row = json.loads((tmp_path / "run" / "metrics.jsonl").read_text())
+    assert row["skipped_images"] == 1
+
+
+def test_finetuning_from_a_cvt_train_checkpoint_replaces_the_head_and_the_loss_falls(digits_run, tmp_path, capsys):
+    write_cifar(tmp_path / "cifar", num_classes=100, per_class=2)
+    checkpoint = digits_run / "last.pth"
+    config = load_config(CONFIGS / "finetune_cifar100.yaml", [
+        f"model.pretrained={checkpoint}", f"data.root={tmp_path / 'cifar'}", "data.img_size=32", "data.workers=0",
+        "model.args.img_size=32", "train.steps=60", "train.batch_size=40", "train.amp=null", "train.lr=0.05",
+        *QUIET])
+    # The model as fine-tuning starts: the digits weights everywhere but a fresh 100-class head.
+    with pytest.warns(UserWarning, match="freshly initialised"):
+        model, note = build_model(config["model"], num_classes=100)
+    source = torch.load(checkpoint, weights_only=True)["model"]
+    assert note == {"pretrained": str(checkpoint), "pretrained_classes": 10, "head_replaced": True}
+    assert model.head.weight.shape == (100, 48) and source["head.weight"].shape == (10, 48)
+    for k, v in model.state_dict().items():
+        if not k.startswith("head."):
+            assert torch.equal(v, source[k]), k
+
+    summary = train(config, tmp_path / "run")
+    assert summary["head_replaced"] and summary["num_classes"] == 100 and summary["steps"] == 60
+    assert "new 100-class head (the checkpoint's had 10)" in capsys.readouterr().out
+    rows = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    losses = [json.loads(line)["train_loss"] for line in rows]
+    assert len(losses) == 12 and losses[-1] < losses[0] - 0.2
+    saved = read_training_checkpoint(tmp_path / "run" / "last.pth")
+    assert saved["pretrained_cfg"]["label_names"][:2] == ["class_0", "class_1"]

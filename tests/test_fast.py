@@ -1,0 +1,122 @@
+"""Every fast path computes the same function as the plain model: eval and train, several resolutions, gradients."""
+import copy
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+from safetensors.torch import load_file
+
+import cvt
+from cvt.fast import FusedKVAttention, OneDNNLinear, compile_model, optimize_for_inference, use_onednn_linears
+
+TINY = dict(embed_dims=(16, 32, 48), depths=(1, 1, 2), num_heads=(1, 2, 3), num_classes=10)
+FIXTURES = Path("/work/shared/fixtures/official")
+
+
+def tiny_model(seed: int = 0, **overrides) -> cvt.CvT:
+    """A tiny CvT with every parameter and BatchNorm statistic random, so a wrong fold shows."""
+    torch.manual_seed(seed)
+    model = cvt.CvT(**dict(TINY, **overrides))
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, nn.BatchNorm2d):
+                module.weight.uniform_(0.5, 1.5)
+                module.bias.normal_(0, 0.5)
+                module.running_mean.normal_(0, 0.5)
+                module.running_var.uniform_(0.5, 2.0)
+            elif isinstance(module, (nn.Linear, nn.LayerNorm)) and module.bias is not None:
+                module.bias.normal_(0, 0.2)
+    return model
+
+
+@pytest.mark.parametrize("size", [(32, 32), (48, 40), (64, 64)])
+@pytest.mark.parametrize("proj_method", ["dw_bn", "avg"])
+def test_optimize_for_inference_matches_plain_model(size, proj_method):
+    model = tiny_model(proj_method=proj_method).eval()
+    fast = optimize_for_inference(model)
+    x = torch.randn(3, 3, *size)
+    with torch.no_grad():
+        expected_maps, expected_cls = model.forward_intermediates(x)
+        maps, cls_token = fast.forward_intermediates(x)
+        torch.testing.assert_close(fast(x), model(x), atol=1e-4, rtol=0)
+    for got, want in zip(maps, expected_maps):
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
+    torch.testing.assert_close(cls_token, expected_cls, atol=1e-4, rtol=0)
+    fused = [m for m in fast.modules() if isinstance(m, FusedKVAttention)]
+    assert len(fused) == (sum(TINY["depths"]) if proj_method == "dw_bn" else 0)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in fast.modules()) or proj_method != "dw_bn"
+
+
+def test_optimize_for_inference_leaves_the_original_alone_and_loads_official_weights():
+    spec = json.loads((FIXTURES / "tiny_dw_bn" / "spec.json").read_text())["spec"]
+    model = cvt.CvT(num_classes=10, embed_dims=spec["DIM_EMBED"], depths=spec["DEPTH"], num_heads=spec["NUM_HEADS"],
+                    proj_method=spec["QKV_PROJ_METHOD"], drop_path_rate=spec["DROP_PATH_RATE"])
+    model.load_state_dict(load_file(FIXTURES / "tiny_dw_bn" / "state_dict.safetensors"))
+    io = load_file(FIXTURES / "tiny_dw_bn" / "io.safetensors")
+    keys_before = set(model.state_dict())
+    fast = use_onednn_linears(optimize_for_inference(model))
+    assert set(model.state_dict()) == keys_before  # fusing is a step after loading, on a copy
+    with torch.no_grad():
+        for name in ("x_64x64", "x_72x56"):
+            torch.testing.assert_close(fast(io[f"input.{name}"]), io[f"logits.{name}"], atol=1e-4, rtol=0)
+
+
+def test_optimize_for_inference_without_qkv_bias_and_rejects_other_modules():
+    model = tiny_model(qkv_bias=False).eval()
+    x = torch.randn(2, 3, 40, 40)
+    with torch.no_grad():
+        torch.testing.assert_close(optimize_for_inference(model)(x), model(x), atol=1e-4, rtol=0)
+    with pytest.raises(TypeError, match="expects a cvt.CvT"):
+        optimize_for_inference(nn.Linear(2, 2))
+
+
+@pytest.mark.parametrize("size", [(32, 32), (56, 48)])
+def test_onednn_linears_match_in_training_with_gradients(size):
+    model = tiny_model(drop_path_rate=0.0).train()
+    fast = use_onednn_linears(copy.deepcopy(model))
+    assert any(isinstance(m, OneDNNLinear) for m in fast.modules())
+    assert list(fast.state_dict()) == list(model.state_dict())
+    x = torch.randn(4, 3, *size)
+    y = torch.randint(0, 10, (4,))
+    losses = []
+    for m in (model, fast):
+        loss = nn.functional.cross_entropy(m(x), y)
+        loss.backward()
+        losses.append(loss)
+    torch.testing.assert_close(losses[1], losses[0], atol=1e-5, rtol=0)
+    for (name, p), q in zip(model.named_parameters(), fast.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, atol=1e-5, rtol=1e-4, msg=lambda m, n=name: f"{n}: {m}")
+    # training-mode BatchNorm updated the same running statistics
+    for a, b in zip(model.buffers(), fast.buffers()):
+        torch.testing.assert_close(b, a, atol=1e-6, rtol=0)
+
+
+def test_sdpa_path_matches_the_reference_attention_with_gradients():
+    model = tiny_model(drop_path_rate=0.0).train()
+    reference = copy.deepcopy(model)
+    reference.set_fused_attn(False)
+    x = torch.randn(2, 3, 48, 48, requires_grad=True)
+    x_ref = x.detach().clone().requires_grad_()
+    model(x).square().sum().backward()
+    reference(x_ref).square().sum().backward()
+    torch.testing.assert_close(x.grad, x_ref.grad, atol=1e-5, rtol=1e-4)
+
+
+def test_torch_compile_fullgraph_training_and_inference():
+    torch._dynamo.reset()
+    model = tiny_model(drop_path_rate=0.1)
+    x = torch.randn(2, 3, 32, 32)
+    y = torch.randint(0, 10, (2,))
+
+    train_model = use_onednn_linears(copy.deepcopy(model)).train()
+    compiled_train = compile_model(train_model)
+    loss = nn.functional.cross_entropy(compiled_train(x), y)
+    loss.backward()
+    assert torch.isfinite(loss) and all(p.grad is not None for p in train_model.parameters() if p.requires_grad)
+
+    model.eval()
+    compiled_fast = compile_model(use_onednn_linears(optimize_for_inference(model)))
+    with torch.no_grad():
+        torch.testing.assert_close(compiled_fast(x), model(x), atol=1e-4, rtol=0)
