@@ -51,9 +51,10 @@ def test_a_training_checkpoint_loads_with_weights_only_and_through_create_model(
     state = torch.load(digits_run / "last.pth", map_location="cpu", weights_only=True)
     assert {"model", "optimizer", "scheduler", "scaler", "ema", "rng", "epoch", "step", "config"} <= set(state)
     assert state["pretrained_cfg"]["label_names"] == [str(d) for d in range(10)]
-    # A plain create_model call reads the weights under "model" (the architecture comes from the arguments).
-    model = cvt.create_model("cvt_13_224", pretrained=str(digits_run / "last.pth"), **DEFAULTS["model"]["args"])
-    assert model.num_classes == 10
+    # A plain create_model call: the architecture and the class names come with the checkpoint.
+    model = cvt.create_model("cvt_13_224", pretrained=str(digits_run / "last.pth"))
+    assert model.num_classes == 10 and model.stage0.patch_embed.proj.out_channels == 16
+    assert model.pretrained_cfg["label_names"] == [str(d) for d in range(10)]
     assert torch.equal(model.state_dict()["head.weight"], state["model"]["head.weight"])
 
 

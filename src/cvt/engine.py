@@ -41,6 +41,7 @@ from torch.utils.data.distributed import DistributedSampler
 from .data import build_datasets, build_eval_dataset, collate_skipping, eval_crop
 from .flops import count_params
 from .model import ZOO, create_model, unknown_model_error
+from .weights import TRAINING_FORMAT, load_checkpoint, model_from_checkpoint
 
 # Every key a recipe may set. The values are the built-in default run (`cvt train` with no config, `make demo`;
 # configs/digits.yaml spells it out): a small CvT on scikit-learn's 8 x 8 digits upsampled to 32 x 32, in about
@@ -108,9 +109,6 @@ DEFAULTS: dict[str, Any] = {
         "progress": True,                     # tqdm bar
     },
 }
-
-CHECKPOINT_FORMAT = "cvt-train"
-
 
 # ---------------------------------------------------------------------------------------------------------------
 # Configuration
@@ -304,7 +302,7 @@ def plot_curves(rows: list[dict[str, Any]], path: Path) -> None:
 # Models and checkpoints
 
 def read_training_checkpoint(path: str | os.PathLike) -> dict[str, Any] | None:
-    """The contents of a checkpoint written by `train`; None for any other file (weights.py reads those)."""
+    """The whole state of a checkpoint written by `train` (config, optimizer, ...); None for any other file."""
     path = Path(path)
     if not (path.is_file() and path.suffix == ".pth"):
         return None
@@ -312,28 +310,7 @@ def read_training_checkpoint(path: str | os.PathLike) -> dict[str, Any] | None:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except (pickle.UnpicklingError, RuntimeError):
         return None
-    return state if isinstance(state, dict) and state.get("format") == CHECKPOINT_FORMAT else None
-
-
-def read_weights(path: str | os.PathLike, state: dict[str, Any] | None = None):
-    """What `create_model(pretrained=...)` takes: a checkpoint written by `train` becomes a `weights.Checkpoint`
-    carrying its architecture, zoo name, class names and eval transform; any other path is passed on as is."""
-    from .weights import Checkpoint
-
-    state = state or read_training_checkpoint(path)
-    if state is None:
-        return Path(path)
-    return Checkpoint(state["model"], str(path), "cvt", state["model_args"], state["model_name"],
-                      state["pretrained_cfg"])
-
-
-def load_model(checkpoint: str | os.PathLike, model_name: str | None = None, num_classes: int | None = None,
-               state: dict[str, Any] | None = None, **overrides: Any) -> nn.Module:
-    """A model with the weights of any checkpoint `cvt.create_model` reads, or of one written by `train` (whose
-    architecture and class names come with it, so `model_name` may be left out)."""
-    from .weights import model_from_checkpoint
-
-    return model_from_checkpoint(read_weights(checkpoint, state), model_name, num_classes, **overrides)
+    return state if isinstance(state, dict) and state.get("format") == TRAINING_FORMAT else None
 
 
 def build_model(model_cfg: dict, num_classes: int) -> tuple[nn.Module, dict[str, Any]]:
@@ -343,9 +320,7 @@ def build_model(model_cfg: dict, num_classes: int) -> tuple[nn.Module, dict[str,
     name, args = model_cfg["name"], dict(model_cfg["args"] or {})
     if not model_cfg["pretrained"]:
         return create_model(name, num_classes=num_classes, **args), {}
-    from .weights import load_checkpoint
-
-    checkpoint = load_checkpoint(read_weights(model_cfg["pretrained"]))
+    checkpoint = load_checkpoint(model_cfg["pretrained"])
     checkpoint = dataclasses.replace(checkpoint, model_name=None, pretrained_cfg={},
                                      model_args={k: v for k, v in checkpoint.model_args.items() if k != "img_size"})
     model = create_model(name, num_classes=num_classes, pretrained=checkpoint, **args)
@@ -402,7 +377,7 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, model_name: str | None = 
         raise ValueError(f"{checkpoint} was not written by `cvt train`: say which data to evaluate it on "
                          "(--data DATASET --root DIR)")
     data_cfg = merge_config(data_cfg, data or {}, "data.")
-    model = load_model(checkpoint, model_name, state=state)
+    model = model_from_checkpoint(checkpoint, model_name)
     data_cfg["img_size"] = data_cfg["img_size"] or model.pretrained_cfg["input_size"][-1]
     dataset, class_names = build_eval_dataset(data_cfg, model.pretrained_cfg)
     if len(class_names) != model.num_classes:
@@ -521,7 +496,7 @@ def train(config: dict, output_dir: str | os.PathLike) -> dict[str, Any]:
         if not resume_path.is_file():
             raise FileNotFoundError(f"nothing to resume from: no checkpoint {resume_path}")
         state = torch.load(resume_path, map_location="cpu", weights_only=True)
-        if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        if not isinstance(state, dict) or state.get("format") != TRAINING_FORMAT:
             raise ValueError(f"{resume_path} is not a training checkpoint written by `cvt train`; to start from its "
                              "weights, set model.pretrained instead")
         model.load_state_dict(state["model"])
@@ -621,7 +596,7 @@ def train(config: dict, output_dir: str | os.PathLike) -> dict[str, Any]:
         if is_main:
             crop_pct, crop_mode = eval_crop(d_cfg, ZOO[m_cfg["name"]][1])
             state = {
-                "format": CHECKPOINT_FORMAT,
+                "format": TRAINING_FORMAT,
                 "model": model.state_dict(),
                 "model_name": m_cfg["name"],
                 "model_args": {k: v for k, v in model.config.items() if k != "num_classes"},

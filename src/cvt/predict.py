@@ -13,7 +13,8 @@ import torch
 from PIL import Image
 
 from .data import eval_transform
-from .engine import load_model, pick_device
+from .engine import pick_device
+from .weights import model_from_checkpoint
 
 
 def label_names(model: torch.nn.Module) -> list[str]:
@@ -31,7 +32,7 @@ def label_names(model: torch.nn.Module) -> list[str]:
 def predict(images: list[str | os.PathLike], checkpoint: str | os.PathLike, model_name: str | None = None,
             topk: int = 5, device: str = "auto") -> list[dict[str, Any]]:
     """For each image: its path and the `topk` (label, class index, probability) predictions, best first."""
-    model = load_model(checkpoint, model_name)
+    model = model_from_checkpoint(checkpoint, model_name)
     device_ = pick_device(device)
     model.to(device_).eval()
     names = label_names(model)

@@ -6,7 +6,8 @@
   or without the `module.` prefix of (Distributed)DataParallel; pickles load with `weights_only=True`;
 - a `.safetensors` file (official or Hugging Face names);
 - a Hugging Face CvT directory (`config.json` with `model_type: cvt` + `model.safetensors` or `pytorch_model.bin`);
-- a directory written by `save_pretrained` (`config.json` in our format + `model.safetensors`).
+- a directory written by `save_pretrained` (`config.json` in our format + `model.safetensors`);
+- a checkpoint written by `cvt train` (`.pth`: weights, architecture, zoo name and class names together).
 
 The Hugging Face port (`transformers`' `CvtForImageClassification`) runs the released weights with exact GELU
 where the official model uses QuickGELU. Its LayerNorms all use PyTorch's default eps 1e-5, the official value:
@@ -44,6 +45,7 @@ __all__ = [
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 FORMAT_TAG = "cvt-pytorch"
+TRAINING_FORMAT = "cvt-train"  # the `format` of a checkpoint written by `cvt train`
 HF_WEIGHTS_NAMES = ("model.safetensors", "pytorch_model.bin")
 # What makes our model compute exactly what transformers' CvT computes (see the module docstring).
 HF_NUMERICS = {"act_layer": "gelu"}
@@ -88,19 +90,16 @@ def load_checkpoint(source: str | os.PathLike | Checkpoint, expect_model: str | 
         if not path.exists():
             raise FileNotFoundError(f"no checkpoint at {path}: pass the path to an official .pth, a .safetensors file, "
                                     f"a Hugging Face CvT directory or a directory written by save_pretrained")
-        if path.is_dir():
-            checkpoint = _read_directory(path)
-        else:
-            checkpoint = Checkpoint(_official_names(_read_state_dict(path)), str(path), "official")
+        checkpoint = _read_directory(path) if path.is_dir() else _read_file(path)
     if expect_model:
         _check_model_name(checkpoint, expect_model)
     return checkpoint
 
 
-def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+def _read_file(path: Path) -> Checkpoint:
     if path.suffix == ".safetensors":
         try:
-            return load_file(path)
+            return Checkpoint(_official_names(load_file(path)), str(path), "official")
         except SafetensorError as e:
             raise ValueError(f"{path} is not a readable safetensors file ({e})") from None
     try:
@@ -112,8 +111,11 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
                          f"path), or use a .safetensors file") from None
     except RuntimeError as e:
         raise ValueError(f"{path} is not a readable PyTorch checkpoint ({e})") from None
+    if isinstance(obj, dict) and obj.get("format") == TRAINING_FORMAT:
+        # Written by `cvt train`: the architecture, zoo name and class names come with the weights.
+        return Checkpoint(obj["model"], str(path), "cvt", obj["model_args"], obj["model_name"], obj["pretrained_cfg"])
     # Training scripts wrap the weights with optimizer state, epoch, ...: the official one under "state_dict",
-    # timm's and ours under "model".
+    # timm's under "model".
     for key in ("state_dict", "model"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]
@@ -122,7 +124,7 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         found = f"a dict with keys {list(obj)[:MAX_KEYS_SHOWN]}" if isinstance(obj, dict) else type(obj).__name__
         raise ValueError(f"{path} holds {found}, not a state dict (parameter name -> tensor), bare or under "
                          f"'state_dict' or 'model'")
-    return obj
+    return Checkpoint(_official_names(obj), str(path), "official")
 
 
 def _official_names(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -142,13 +144,13 @@ def _read_directory(path: Path) -> Checkpoint:
     config = json.loads(config_path.read_text())
     if config.get("format") == FORMAT_TAG:
         model_args = {k: v for k, v in config["model_args"].items() if k != "num_classes"}
-        return Checkpoint(_read_state_dict(path / WEIGHTS_NAME), str(path), "cvt", model_args, config.get("model"),
+        return Checkpoint(_read_file(path / WEIGHTS_NAME).state_dict, str(path), "cvt", model_args, config.get("model"),
                           config.get("pretrained_cfg") or {})
     if config.get("model_type") == "cvt":
         weights = next((path / n for n in HF_WEIGHTS_NAMES if (path / n).is_file()), None)
         if weights is None:
             raise FileNotFoundError(f"Hugging Face directory {path} has none of {', '.join(HF_WEIGHTS_NAMES)}")
-        return Checkpoint(_official_names(_read_state_dict(weights)), str(path), "hf",
+        return Checkpoint(_read_file(weights).state_dict, str(path), "hf",
                           _cvt_kwargs_from_hf_config(config), pretrained_cfg=_label_cfg(config))
     raise ValueError(f"{config_path} describes neither a CvT model written by save_pretrained nor a Hugging Face CvT "
                      f"(model_type {config.get('model_type')!r}): a checkpoint of another architecture")
