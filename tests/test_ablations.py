@@ -15,8 +15,9 @@ from cvt.ablations import PAPER_GMACS, STUDIES, describe_study, run_study, varia
 from cvt.cli import main
 from cvt.flops import count_macs, count_params, macs_by_module
 from cvt.model import create_model
+from helpers import TINY as TINY_LAYOUT
 
-TINY = dict(embed_dims=(16, 32, 48), depths=(1, 1, 2), num_heads=(1, 2, 3), img_size=32)
+TINY = dict(TINY_LAYOUT, img_size=32)
 DIMS = TINY["embed_dims"]
 # Token-embedding convs (kernel, stride) per stage, and the maps they give: sides 32/4, /2, /2 at 32 px and
 # 224/4, /2, /2 at 224 px.

@@ -1,31 +1,20 @@
 """The official-style reference computes our model's function; the benchmark runs end to end on a tiny model."""
 import copy
 import json
-from pathlib import Path
 
 import torch
 import torch.nn as nn
-from safetensors.torch import load_file
 
 import cvt
 from cvt.benchmark import MODES, OfficialStyleCvT
 from cvt.cli import main
-
-FIXTURES = Path("/work/shared/fixtures/official")
-
-
-def fixture_model(name: str) -> cvt.CvT:
-    spec = json.loads((FIXTURES / name / "spec.json").read_text())["spec"]
-    model = cvt.CvT(num_classes=10, embed_dims=spec["DIM_EMBED"], depths=spec["DEPTH"], num_heads=spec["NUM_HEADS"],
-                    proj_method=spec["QKV_PROJ_METHOD"], drop_path_rate=spec["DROP_PATH_RATE"])
-    model.load_state_dict(load_file(FIXTURES / name / "state_dict.safetensors"))
-    return model.eval()
+from helpers import TINY, official_model
 
 
 def test_official_style_reproduces_the_official_outputs():
     for name in ("tiny_dw_bn", "tiny_avg"):
-        official = OfficialStyleCvT(fixture_model(name)).eval()
-        io = load_file(FIXTURES / name / "io.safetensors")
+        model, io = official_model(name)
+        official = OfficialStyleCvT(model).eval()
         with torch.no_grad():
             for x in ("x_64x64", "x_72x56"):
                 torch.testing.assert_close(official(io[f"input.{x}"]), io[f"logits.{x}"], atol=1e-5, rtol=0)
@@ -33,8 +22,7 @@ def test_official_style_reproduces_the_official_outputs():
 
 def test_official_style_trains_like_our_model():
     torch.manual_seed(0)
-    model = cvt.CvT(embed_dims=(16, 32, 48), depths=(1, 1, 2), num_heads=(1, 2, 3), num_classes=10,
-                    drop_path_rate=0.0).train()
+    model = cvt.CvT(num_classes=10, drop_path_rate=0.0, **TINY).train()
     official = OfficialStyleCvT(copy.deepcopy(model)).train()
     x, y = torch.randn(3, 3, 40, 48), torch.tensor([1, 4, 7])
     nn.functional.cross_entropy(model(x), y).backward()

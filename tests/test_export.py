@@ -8,22 +8,17 @@ import torch
 import cvt
 from cvt.cli import main
 from cvt.export import check_sizes, export_model
+from helpers import TINY as TINY_LAYOUT, randomize_batchnorm
 
-TINY = dict(num_classes=10, embed_dims=(16, 32, 48), depths=(1, 1, 2), num_heads=(1, 2, 3), img_size=64)
+TINY = dict(TINY_LAYOUT, num_classes=10, img_size=64)
 # Shapes the export never saw (it is traced at batch 2, 64x64): other batch sizes, non-square, odd sizes.
 UNSEEN_SHAPES = [(1, 64, 64), (3, 64, 64), (1, 80, 48), (3, 56, 72)]
 
 
 def tiny_model():
     torch.manual_seed(0)
-    model = cvt.create_model("cvt_13_224", **TINY).eval()
     # Non-trivial BatchNorm statistics, so a graph that dropped or misplaced them would not match.
-    for name, buffer in model.named_buffers():
-        if name.endswith("running_mean"):
-            buffer.normal_(0, 0.1)
-        elif name.endswith("running_var"):
-            buffer.uniform_(0.5, 1.5)
-    return model
+    return randomize_batchnorm(cvt.create_model("cvt_13_224", **TINY).eval())
 
 
 @pytest.fixture(scope="module")

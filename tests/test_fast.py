@@ -1,32 +1,22 @@
 """Every fast path computes the same function as the plain model: eval and train, several resolutions, gradients."""
 import copy
-import json
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn as nn
-from safetensors.torch import load_file
 
 import cvt
 from cvt.fast import FusedKVAttention, OneDNNLinear, compile_model, optimize_for_inference, use_onednn_linears
-
-TINY = dict(embed_dims=(16, 32, 48), depths=(1, 1, 2), num_heads=(1, 2, 3), num_classes=10)
-FIXTURES = Path("/work/shared/fixtures/official")
+from helpers import TINY, official_model, randomize_batchnorm
 
 
 def tiny_model(seed: int = 0, **overrides) -> cvt.CvT:
     """A tiny CvT with every parameter and BatchNorm statistic random, so a wrong fold shows."""
     torch.manual_seed(seed)
-    model = cvt.CvT(**dict(TINY, **overrides))
+    model = randomize_batchnorm(cvt.CvT(num_classes=10, **dict(TINY, **overrides)))
     with torch.no_grad():
         for module in model.modules():
-            if isinstance(module, nn.BatchNorm2d):
-                module.weight.uniform_(0.5, 1.5)
-                module.bias.normal_(0, 0.5)
-                module.running_mean.normal_(0, 0.5)
-                module.running_var.uniform_(0.5, 2.0)
-            elif isinstance(module, (nn.Linear, nn.LayerNorm)) and module.bias is not None:
+            if isinstance(module, (nn.Linear, nn.LayerNorm)) and module.bias is not None:
                 module.bias.normal_(0, 0.2)
     return model
 
@@ -50,11 +40,7 @@ def test_optimize_for_inference_matches_plain_model(size, proj_method):
 
 
 def test_optimize_for_inference_leaves_the_original_alone_and_loads_official_weights():
-    spec = json.loads((FIXTURES / "tiny_dw_bn" / "spec.json").read_text())["spec"]
-    model = cvt.CvT(num_classes=10, embed_dims=spec["DIM_EMBED"], depths=spec["DEPTH"], num_heads=spec["NUM_HEADS"],
-                    proj_method=spec["QKV_PROJ_METHOD"], drop_path_rate=spec["DROP_PATH_RATE"])
-    model.load_state_dict(load_file(FIXTURES / "tiny_dw_bn" / "state_dict.safetensors"))
-    io = load_file(FIXTURES / "tiny_dw_bn" / "io.safetensors")
+    model, io = official_model("tiny_dw_bn")
     keys_before = set(model.state_dict())
     fast = use_onednn_linears(optimize_for_inference(model))
     assert set(model.state_dict()) == keys_before  # fusing is a step after loading, on a copy

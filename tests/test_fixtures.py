@@ -1,26 +1,14 @@
 """Golden outputs of the official implementation (../shared/fixtures/official), reproduced after loading its
 state dict through our loader: logits, every stage map and the final class token, with both attention paths."""
 import json
-from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
-from cvt.model import CvT
-from cvt.weights import cvt_kwargs_from_official_spec, load_weights
+from cvt.weights import cvt_kwargs_from_official_spec
+from helpers import FIXTURES, official_model
 
-FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "official"
 INPUTS = ("x_64x64", "x_72x56")
-
-
-def official_model(name: str) -> tuple[CvT, dict[str, torch.Tensor]]:
-    folder = FIXTURES / name
-    spec = json.loads((folder / "spec.json").read_text())
-    model = CvT(num_classes=spec["num_classes"], norm_eps=spec["layer_norm_eps"],
-                **cvt_kwargs_from_official_spec(spec["spec"]))
-    load_weights(model, folder / "state_dict.safetensors")
-    return model.eval(), load_file(folder / "io.safetensors")
 
 
 def assert_matches_official(actual: torch.Tensor, expected: torch.Tensor) -> None:

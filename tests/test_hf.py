@@ -8,20 +8,11 @@ from transformers import CvtConfig, CvtForImageClassification
 import cvt
 from cvt.model import CvT, _per_stage
 from cvt.weights import _HF_CONFIG_NAMES, _rename, from_hf, load_checkpoint, save_hf, to_hf
+from helpers import randomize_batchnorm
 
 # transformers' CvtStage indexes drop-path rates by stage number, so it needs depths[i] > i.
 HF_TINY = dict(embed_dim=[16, 32, 48], depth=[1, 2, 3], num_heads=[1, 2, 3], num_labels=5)
 TINY = dict(embed_dims=(16, 32, 48), depths=(1, 2, 3), num_heads=(1, 2, 3))
-
-
-def randomize_batchnorm(model: torch.nn.Module) -> None:
-    """Random running statistics and affine parameters, so that a wrong BatchNorm mapping shows."""
-    for m in model.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.running_mean.normal_()
-            m.running_var.uniform_(0.5, 2.0)
-            m.weight.data.normal_(1.0, 0.2)
-            m.bias.data.normal_()
 
 
 @pytest.fixture(scope="module")

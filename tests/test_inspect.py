@@ -10,8 +10,9 @@ import cvt
 from cvt.cli import main
 from cvt.flops import count_macs, count_params
 from cvt.inspect import attention_maps, draw_attention, key_footprint, profile_stages
+from helpers import TINY as TINY_LAYOUT
 
-TINY = dict(num_classes=10, embed_dims=(16, 32, 48), depths=(1, 1, 2), num_heads=(1, 2, 3), img_size=64)
+TINY = dict(TINY_LAYOUT, num_classes=10, img_size=64)
 
 
 def tiny_model(**overrides):

@@ -5,23 +5,12 @@ import torch
 
 import cvt
 from cvt.model import CvT
-
-TINY = dict(embed_dims=(16, 32, 48), depths=(1, 1, 2), num_heads=(1, 2, 3))
+from helpers import TINY, randomize_batchnorm
 
 
 def tiny(**kwargs) -> CvT:
     torch.manual_seed(0)
     return cvt.create_model("cvt_13_224", num_classes=kwargs.pop("num_classes", 7), **TINY, **kwargs)
-
-
-def randomize_batchnorm(model: torch.nn.Module) -> None:
-    """Random running statistics and affine parameters, so that a wrong BatchNorm use shows."""
-    for m in model.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.running_mean.normal_()
-            m.running_var.uniform_(0.5, 2.0)
-            m.weight.data.normal_(1.0, 0.2)
-            m.bias.data.normal_()
 
 
 @pytest.mark.parametrize("size", [(64, 64), (72, 56), (33, 47), (17, 100)])

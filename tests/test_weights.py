@@ -14,19 +14,14 @@ from cvt.cli import main
 from cvt.weights import (
     Checkpoint, _rename, load_checkpoint, load_state_dict, load_weights, model_from_checkpoint, save_pretrained,
 )
-
-TINY = dict(embed_dims=(16, 32, 48), depths=(1, 1, 2), num_heads=(1, 2, 3))
+from helpers import TINY, randomize_batchnorm
 X = torch.randn(2, 3, 48, 40)
 
 
 def tiny(num_classes: int = 7, seed: int = 0, **kwargs) -> cvt.CvT:
     torch.manual_seed(seed)
     model = cvt.create_model("cvt_13_224", num_classes=num_classes, **dict(TINY, **kwargs)).eval()
-    for m in model.modules():  # non-trivial BatchNorm state, so a buffer that fails to load shows
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.running_mean.normal_()
-            m.running_var.uniform_(0.5, 2.0)
-    return model
+    return randomize_batchnorm(model)  # non-trivial BatchNorm state, so a buffer that fails to load shows
 
 
 def outputs(model: torch.nn.Module) -> torch.Tensor:
