@@ -34,11 +34,15 @@ def main() -> None:
         "oneDNN linears": use_onednn_linears(copy.deepcopy(model)),
         "optimize_for_inference": fused,
         "optimize_for_inference + oneDNN linears": use_onednn_linears(copy.deepcopy(fused)),
+        "optimize_for_inference(logits_only) + oneDNN linears": use_onednn_linears(
+            optimize_for_inference(model, logits_only=True)),
     }
     if not args.no_compile:
         variants["compiled: oneDNN linears"] = compile_model(variants["oneDNN linears"])
-        variants["compiled: optimize_for_inference + oneDNN linears (ours-fast)"] = compile_model(
+        variants["compiled: optimize_for_inference + oneDNN linears"] = compile_model(
             variants["optimize_for_inference + oneDNN linears"])
+        variants["compiled: optimize_for_inference(logits_only) + oneDNN linears (ours-fast)"] = compile_model(
+            variants["optimize_for_inference(logits_only) + oneDNN linears"])
         variants["compiled with inductor layout optimisation: ours-fast"] = torch.compile(
             copy.deepcopy(variants["optimize_for_inference + oneDNN linears"]), fullgraph=True, dynamic=False)
     x = torch.randn(args.batch_size, 3, *model.img_size)

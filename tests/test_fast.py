@@ -6,7 +6,9 @@ import torch
 import torch.nn as nn
 
 import cvt
-from cvt.fast import FusedKVAttention, OneDNNLinear, compile_model, optimize_for_inference, use_onednn_linears
+from cvt.fast import (
+    ClassTokenBlock, FusedKVAttention, OneDNNLinear, compile_model, optimize_for_inference, use_onednn_linears,
+)
 from helpers import TINY, official_model, randomize_batchnorm
 
 
@@ -47,6 +49,21 @@ def test_optimize_for_inference_leaves_the_original_alone_and_loads_official_wei
     with torch.no_grad():
         for name in ("x_64x64", "x_72x56"):
             torch.testing.assert_close(fast(io[f"input.{name}"]), io[f"logits.{name}"], atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("size", [(32, 32), (56, 40)])
+def test_logits_only_computes_the_class_token_alone_in_the_last_block(size):
+    model = tiny_model().eval()
+    fast = optimize_for_inference(model, logits_only=True)
+    assert isinstance(fast.stage2.blocks[-1], ClassTokenBlock)
+    x = torch.randn(3, 3, *size)
+    with torch.no_grad():
+        _, expected_cls = model.forward_intermediates(x)
+        _, cls_token = fast.forward_intermediates(x)
+        torch.testing.assert_close(fast(x), model(x), atol=1e-4, rtol=0)
+    torch.testing.assert_close(cls_token, expected_cls, atol=1e-4, rtol=0)
+    with pytest.raises(ValueError, match="reads the class token"):
+        optimize_for_inference(tiny_model(cls_token=False), logits_only=True)
 
 
 def test_optimize_for_inference_without_qkv_bias_and_rejects_other_modules():
@@ -103,6 +120,6 @@ def test_torch_compile_fullgraph_training_and_inference():
     assert torch.isfinite(loss) and all(p.grad is not None for p in train_model.parameters() if p.requires_grad)
 
     model.eval()
-    compiled_fast = compile_model(use_onednn_linears(optimize_for_inference(model)))
+    compiled_fast = compile_model(use_onednn_linears(optimize_for_inference(model, logits_only=True)))
     with torch.no_grad():
         torch.testing.assert_close(compiled_fast(x), model(x), atol=1e-4, rtol=0)

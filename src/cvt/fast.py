@@ -8,13 +8,14 @@ returns a copy whose outputs equal the original's (eval mode) to float rounding.
 
 - every depth-wise conv + BatchNorm projection becomes one conv with the BatchNorm folded into it;
 - k and v, which read the same map with the same stride, come from one depth-wise conv with channel
-  multiplier 2 and one batched matrix product, instead of two convs, two norms and two linears;
+  multiplier 2 instead of two convs and two norms;
 - the convolution weights are made channels-last, so every conv writes the (B, H, W, C) layout the token
   sequence already has and the LayerNorm after the embedding reads it without a copy.
 
 The result is for inference only (BatchNorm statistics are baked in). Two more steps, for training too:
 `use_onednn_linears` (float32 CPU products by oneDNN instead of MKL) and `compile_model` (`torch.compile` with
-`fullgraph=True`). Our fastest CPU inference is `compile_model(use_onednn_linears(optimize_for_inference(m)))`.
+`fullgraph=True`). Our fastest CPU classifier is
+`compile_model(use_onednn_linears(optimize_for_inference(m, logits_only=True)))`.
 """
 from __future__ import annotations
 
@@ -27,7 +28,8 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from .model import Attention, CvT
 
-__all__ = ["optimize_for_inference", "use_onednn_linears", "compile_model", "FusedKVAttention", "OneDNNLinear"]
+__all__ = ["optimize_for_inference", "use_onednn_linears", "compile_model", "ClassTokenBlock", "FusedKVAttention",
+           "OneDNNLinear"]
 
 
 class OneDNNLinear(nn.Linear):
@@ -63,11 +65,12 @@ def _folded_conv(proj: nn.Sequential) -> nn.Conv2d:
 
 
 class FusedKVAttention(Attention):
-    """Attention with BatchNorm folded into the q conv and k, v computed together.
+    """Attention with BatchNorm folded into the q conv, and k and v from one depth-wise conv.
 
     The fused k/v conv has groups = width and 2 x width outputs: output channels 2i and 2i + 1 are k's and v's
-    channel i. Its map is read as (2, B, tokens, width) and projected by one batched matrix product with the
-    stacked k and v weights.
+    channel i. k and v then go through their own linears: one batched product of the stacked k and v weights
+    (`baddbmm`) ran 3-8% slower on the CPU, where batched products go to MKL and linears can go to oneDNN
+    (`use_onednn_linears`).
     """
 
     def __init__(self, attn: Attention):
@@ -80,7 +83,7 @@ class FusedKVAttention(Attention):
         self.attn_drop = attn.attn_drop
         self.proj = attn.proj
         self.proj_drop = attn.proj_drop
-        self.proj_q = attn.proj_q
+        self.proj_q, self.proj_k, self.proj_v = attn.proj_q, attn.proj_k, attn.proj_v
         self.conv_proj_q = _folded_conv(attn.conv_proj_q)
         conv_k, conv_v = _folded_conv(attn.conv_proj_k), _folded_conv(attn.conv_proj_v)
         dim = conv_k.in_channels
@@ -89,34 +92,49 @@ class FusedKVAttention(Attention):
         with torch.no_grad():
             self.conv_proj_kv.weight.copy_(torch.stack((conv_k.weight, conv_v.weight), dim=1).flatten(0, 1))
             self.conv_proj_kv.bias.copy_(torch.stack((conv_k.bias, conv_v.bias), dim=1).flatten())
-        # baddbmm computes bias + tokens @ weight: store the transposed weights (2, in, out) and biases (2, 1, out).
-        self.kv_weight = nn.Parameter(torch.stack((attn.proj_k.weight, attn.proj_v.weight)).transpose(1, 2)
-                                      .contiguous().detach())
-        biases = [torch.zeros(dim) if lin.bias is None else lin.bias for lin in (attn.proj_k, attn.proj_v)]
-        self.kv_bias = nn.Parameter(torch.stack(biases).unsqueeze(1).detach())
 
     def qkv(self, x: torch.Tensor, h: int, w: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        b = x.shape[0]
         if self.with_cls_token:
             cls_token, x = x[:, :1], x[:, 1:]
         x_map = x.transpose(1, 2).unflatten(2, (h, w))
         q = self.conv_proj_q(x_map).flatten(2).transpose(1, 2)
-        kv = self.conv_proj_kv(x_map).flatten(2).unflatten(1, (-1, 2)).permute(2, 0, 3, 1)  # (2, B, tokens, C)
+        kv = self.conv_proj_kv(x_map).flatten(2).transpose(1, 2)  # (B, tokens, 2C), k and v channels interleaved
+        k, v = kv[..., 0::2], kv[..., 1::2]
         if self.with_cls_token:
-            q = torch.cat((cls_token, q), dim=1)
-            kv = torch.cat((cls_token.expand(2, -1, -1, -1), kv), dim=2)
-        tokens = kv.shape[2]
-        kv = torch.baddbmm(self.kv_bias, kv.reshape(2, b * tokens, -1), self.kv_weight)
-        k, v = kv.view(2, b, tokens, self.num_heads, -1).transpose(2, 3).unbind(0)
-        q = self.proj_q(q).unflatten(-1, (self.num_heads, -1)).transpose(1, 2)
+            q, k, v = (torch.cat((cls_token, t), dim=1) for t in (q, k, v))
+        q, k, v = (proj(t).unflatten(-1, (self.num_heads, -1)).transpose(1, 2)
+                   for proj, t in ((self.proj_q, q), (self.proj_k, k), (self.proj_v, v)))
         return q, k, v
 
 
-def optimize_for_inference(model: CvT) -> CvT:
+class ClassTokenBlock(nn.Module):
+    """The last block of a classifier that reads the class token alone: only the class token is computed.
+
+    Keys and values still come from every token, but the attention output, its projection and the MLP are the
+    class token's only (one row instead of 1 + H*W); the other tokens leave the block as they entered it.
+    """
+
+    def __init__(self, block: nn.Module):
+        super().__init__()
+        self.norm1, self.attn, self.norm2, self.mlp = block.norm1, block.attn, block.norm2, block.mlp
+
+    def forward(self, x: torch.Tensor, h: int, w: int) -> torch.Tensor:
+        q, k, v = self.attn.qkv(self.norm1(x), h, w)
+        attended = F.scaled_dot_product_attention(q[:, :, :1], k, v, scale=self.attn.scale)
+        cls_token = x[:, :1] + self.attn.proj(attended.transpose(1, 2).flatten(2))
+        cls_token = cls_token + self.mlp(self.norm2(cls_token))
+        return torch.cat((cls_token, x[:, 1:]), dim=1)
+
+
+def optimize_for_inference(model: CvT, logits_only: bool = False) -> CvT:
     """An eval-mode copy of `model` with BatchNorms folded, k and v fused and channels-last convolutions.
 
     Attention layers with the `avg` or `linear` projections have no BatchNorm and no k/v conv to fuse and
     are kept as they are. The input model is not modified.
+
+    `logits_only=True` (a classifier reading the class token) also computes only the class token in the last
+    block (`ClassTokenBlock`): the logits and the class token are the original's, while the last stage's map
+    (`forward_intermediates`, the patch tokens of `forward_features`) is then the one entering that block.
     """
     if not isinstance(model, CvT):
         raise TypeError(f"optimize_for_inference expects a cvt.CvT, got {type(model).__name__}; for features_only "
@@ -127,6 +145,12 @@ def optimize_for_inference(model: CvT) -> CvT:
             attn = block.attn
             if isinstance(attn.conv_proj_k, nn.Sequential) and hasattr(attn.conv_proj_k, "bn"):
                 block.attn = FusedKVAttention(attn)
+    if logits_only:
+        if fast.global_pool != "token":
+            raise ValueError("logits_only needs a classifier that reads the class token (global_pool='token'); "
+                             "this model averages every token, so all of them are needed")
+        last_stage = fast.stages[-1]
+        last_stage.blocks[-1] = ClassTokenBlock(last_stage.blocks[-1])
     for module in fast.modules():
         if isinstance(module, nn.Conv2d):
             module.to(memory_format=torch.channels_last)
