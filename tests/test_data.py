@@ -196,3 +196,12 @@ def test_skipped_images_are_dropped_and_counted(tmp_path):
         collate_skipping([None])
     with pytest.raises(ValueError, match="'error' or 'skip'"):
         SafeImages(train_set.dataset, "ignore", "training")
+
+
+def test_the_papers_randaugment_survives_its_top_magnitude():
+    """'rand-m9-mstd0.5-inc1' draws magnitudes up to 10, where timm posterizes to 0 bits: Pillow must accept it
+    (pyproject keeps Pillow below 13, which refuses), or training stops mid-epoch."""
+    from PIL import Image
+    from timm.data.auto_augment import posterize
+
+    assert posterize(Image.new("RGB", (8, 8), (200, 100, 50)), 0).getpixel((0, 0)) == (0, 0, 0)
