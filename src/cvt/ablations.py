@@ -24,7 +24,8 @@ from typing import Any, Callable
 
 import torch
 
-from .engine import train, write_atomic
+from .engine import train
+from .files import write_atomic
 from .flops import count_macs, count_params
 from .model import create_model
 

@@ -35,6 +35,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .files import write_atomic
 from .model import CvT, Stage
 
 __all__ = ["OfficialStyleCvT", "run_benchmark", "results_markdown", "write_report", "MODES"]
@@ -465,8 +466,6 @@ def write_report(report: dict[str, Any], out_dir: str | os.PathLike) -> tuple[st
     paths = []
     for suffix, text in ((".json", json.dumps(report, indent=1) + "\n"), (".md", results_markdown(report))):
         path = stem + suffix
-        with open(path + ".tmp", "w") as f:
-            f.write(text)
-        os.replace(path + ".tmp", path)
+        write_atomic(path, text)
         paths.append(path)
     return paths[0], paths[1]

@@ -241,14 +241,14 @@ def format_table(rows: list[tuple[str, ...]]) -> str:
 
 def parse_overrides(pairs: list[str] | None) -> dict:
     """`key=value` pairs with YAML-typed values (`drop_path_rate=0.2`, `stride_kv=[2,2,1]`)."""
-    import yaml
+    from .files import yaml_load
 
     out = {}
     for pair in pairs or []:
         key, sep, value = pair.partition("=")
         if not sep:
             raise SystemExit(f"error: expected key=value, got {pair!r}")
-        out[key] = yaml.safe_load(value)
+        out[key] = yaml_load(value)
     return out
 
 

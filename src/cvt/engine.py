@@ -22,8 +22,6 @@ import math
 import os
 import pickle
 import random
-import re
-import shutil
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -34,11 +32,11 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-import yaml
 from torch.utils.data import DataLoader, Subset
 from torch.utils.data.distributed import DistributedSampler
 
 from .data import build_datasets, build_eval_dataset, collate_skipping, eval_crop
+from .files import copy_atomic, save_atomic, write_atomic, yaml_load
 from .flops import count_params
 from .model import ZOO, create_model, unknown_model_error
 from .weights import TRAINING_FORMAT, load_checkpoint, model_from_checkpoint
@@ -140,18 +138,6 @@ def merge_config(base: dict, update: dict, where: str = "") -> dict:
     return out
 
 
-class YAMLLoader(yaml.SafeLoader):
-    """YAML with 1.2's floats: PyYAML alone reads `1e-3` (no dot) as a string."""
-
-
-YAMLLoader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$"),
-                                 list("-+0123456789."))
-
-
-def yaml_load(text: str) -> Any:
-    return yaml.load(text, Loader=YAMLLoader)
-
-
 def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tuple[str, ...] = ()) -> dict:
     """A recipe: the defaults, the YAML file at `path` (None: the built-in digits default) and dotted
     `key=value` overrides with YAML-typed values (`train.lr=1e-3`, `model.args.depths=[1,2,10]`)."""
@@ -243,24 +229,6 @@ def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
 
 # ---------------------------------------------------------------------------------------------------------------
 # Files
-
-def write_atomic(path: Path, data: bytes | str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data.encode() if isinstance(data, str) else data)
-    os.replace(tmp, path)
-
-
-def save_atomic(obj: Any, path: Path) -> None:
-    buffer = io.BytesIO()
-    torch.save(obj, buffer)
-    write_atomic(path, buffer.getvalue())
-
-
-def copy_atomic(src: Path, dst: Path) -> None:
-    tmp = dst.with_name(f".{dst.name}.tmp")
-    shutil.copyfile(src, tmp)
-    os.replace(tmp, dst)
-
 
 def write_metrics(rows: list[dict[str, Any]], output_dir: Path) -> None:
     """metrics.jsonl and metrics.csv: one row per epoch."""

@@ -24,6 +24,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from .files import atomic_path
+
 __all__ = ["FORMATS", "ExportCheck", "check_sizes", "export_model"]
 
 FORMATS = ("onnx", "torchscript")
@@ -114,15 +116,11 @@ def export_model(model: nn.Module, path: str | os.PathLike, fmt: str, atol: floa
     model = model.eval()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
+    with atomic_path(path) as tmp:
         # Batch 2, not 1: torch.export specialises a dimension whose example size is 1.
         export(model, torch.randn(2, model.in_chans, *model.img_size), str(tmp))
         check = _compare(load(str(tmp)), model, atol)
         if not check.passed:
             raise ValueError(f"the {fmt} export does not reproduce the PyTorch outputs within {atol:g} "
                              f"(max abs diff {check.summary()}); nothing was written to {path}")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return check

@@ -30,6 +30,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.modules.utils import _pair
 
+from .files import atomic_path
 from .flops import macs_by_module
 from .model import IMAGENET_MEAN, IMAGENET_STD, Attention, CvT
 
@@ -206,13 +207,11 @@ def draw_attention(picture, maps: AttentionMaps, path: str | os.PathLike, title:
         fig.suptitle(title)
     fig.tight_layout()
     path = Path(path)
-    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
     try:
-        fig.savefig(tmp, dpi=100, format=path.suffix.lstrip(".") or "png")
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=100, format=path.suffix.lstrip(".") or "png")
     finally:
         plt.close(fig)
-        tmp.unlink(missing_ok=True)
 
 
 @dataclass

@@ -16,24 +16,22 @@ reproduces its outputs; the official numerics stay the default everywhere.
 """
 from __future__ import annotations
 
-import contextlib
 import inspect
 import json
 import os
 import pickle
 import re
-import shutil
-import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 import torch.nn as nn
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from .files import atomic_directory, atomic_path
 from .model import NUM_STAGES, ZOO, CvT, _per_stage, create_model
 
 __all__ = [
@@ -276,40 +274,11 @@ def cvt_kwargs_from_official_spec(spec: dict[str, Any]) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------------------------
 # Writing
 
-@contextlib.contextmanager
-def _atomic_directory(target: str | os.PathLike) -> Iterator[Path]:
-    """Yield an empty temporary directory next to `target`; on success its files move into `target`, each by an
-    atomic rename, and on failure nothing of it is left."""
-    target = Path(target)
-    if target.exists() and not target.is_dir():
-        raise FileExistsError(f"{target} exists and is not a directory: choose a directory path")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
-        yield tmp
-        if target.exists():
-            # Replace our files only: the directory may hold other things (logs, plots) that are not ours to delete.
-            for f in tmp.iterdir():
-                os.replace(f, target / f.name)
-        else:
-            os.replace(tmp, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
 def save_safetensors(state_dict: dict[str, torch.Tensor], path: str | os.PathLike) -> None:
     """Write a state dict as one .safetensors file, atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         # transformers' from_pretrained wants the "format" metadata.
         save_file({k: v.detach().cpu().contiguous() for k, v in state_dict.items()}, tmp, metadata={"format": "pt"})
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def save_pretrained(model: CvT, directory: str | os.PathLike) -> None:
@@ -321,7 +290,7 @@ def save_pretrained(model: CvT, directory: str | os.PathLike) -> None:
         "model_args": model.config,
         "pretrained_cfg": dict(model.pretrained_cfg, num_classes=model.num_classes),
     }
-    with _atomic_directory(directory) as tmp:
+    with atomic_directory(directory) as tmp:
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2))
         save_safetensors(model.state_dict(), tmp / WEIGHTS_NAME)
 
@@ -455,7 +424,7 @@ def to_hf(model: CvT):
 def save_hf(model: CvT, directory: str | os.PathLike) -> None:
     """A directory `transformers.CvtForImageClassification.from_pretrained` loads, written atomically."""
     hf_model = to_hf(model)
-    with _atomic_directory(directory) as tmp:
+    with atomic_directory(directory) as tmp:
         hf_model.save_pretrained(tmp)
 
 
