@@ -46,3 +46,5 @@ def test_benchmark_smoke_run_writes_json_and_markdown(tmp_path, capsys):
     assert report["threads"] == torch.get_num_threads() and report["versions"]["torch"] == torch.__version__
     markdown = (tmp_path / "cvt_13_224_cpu_float32_b2.md").read_text()
     assert "| ours-fast |" in markdown and "| official-style |" in markdown and markdown in printed
+    # the recorded command reproduces the run, zero-valued options included
+    assert "--warmup 0 --repeats 1 --no-compile" in report["command"]

@@ -76,6 +76,14 @@ def test_failed_check_leaves_nothing_behind(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_export_leaves_the_model_in_its_mode_and_reports_its_channels(tmp_path):
+    torch.manual_seed(0)
+    model = cvt.create_model("cvt_13_224", **dict(TINY, in_chans=1)).train()
+    check = export_model(model, tmp_path / "gray.pt", "torchscript")
+    assert check.passed and model.training
+    assert check.summary().startswith(f"1x1x{model.img_size[0]}x{model.img_size[1]}: ")
+
+
 def test_unknown_format_is_named():
     with pytest.raises(ValueError, match="unknown export format 'tflite'.*onnx"):
         export_model(tiny_model(), "x.tflite", "tflite")

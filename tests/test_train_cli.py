@@ -1,5 +1,6 @@
 """`cvt train`, `cvt eval` and `cvt predict` from the command line."""
 import json
+import shutil
 
 import pytest
 import torch
@@ -50,6 +51,15 @@ def test_eval_reproduces_the_training_evaluation(run, capsys):
     assert result["loss"] == pytest.approx(summary["loss"], rel=1e-6)
     main(["eval", "--checkpoint", str(run / "last.pth")])
     assert f"top-1 {summary['top1']:.2f}%" in capsys.readouterr().out
+
+
+def test_eval_knows_a_training_checkpoint_by_its_content_not_its_name(run, tmp_path, capsys):
+    summary = json.loads((run / "summary.json").read_text())
+    renamed = tmp_path / "digits_model.pt"
+    shutil.copyfile(run / "last.pth", renamed)
+    main(["eval", "--checkpoint", str(renamed), "--json"])
+    result = json.loads(capsys.readouterr().out)
+    assert result["dataset"] == "digits" and result["top1"] == summary["top1"]
 
 
 def test_eval_of_a_foreign_checkpoint_needs_data_and_matching_classes(tmp_path, capsys):

@@ -116,6 +116,7 @@ def default_output_dir(config: dict[str, Any], study: str) -> Path:
 
 def _claim_output_dir(output_dir: Path, study: str, config: dict[str, Any]) -> None:
     """Record the study and its recipe in `study.json`; refuse a directory that holds another study or recipe."""
+    # Through JSON, so that it compares equal to the copy read back from disk (tuples become lists, keys strings).
     record = json.loads(json.dumps({"study": study, "config": config}))
     path = output_dir / "study.json"
     if path.exists():
@@ -220,14 +221,12 @@ def results_table(summary: list[dict[str, Any]]) -> str:
 
 def plot_results(study: str, summary: list[dict[str, Any]], rows: list[dict[str, Any]], path: Path) -> None:
     """Top-1 per variant (mean, std and each seed) beside GMACs @224 per variant."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # not pyplot: no global backend switch in the caller's process
 
     names = [s["variant"] for s in summary]
     positions = range(len(names))
-    fig, (acc_ax, macs_ax) = plt.subplots(1, 2, figsize=(4 + 1.6 * len(names), 4))
+    fig = Figure(figsize=(4 + 1.6 * len(names), 4))
+    acc_ax, macs_ax = fig.subplots(1, 2)
     acc_ax.errorbar(positions, [s["top1_mean"] for s in summary], yerr=[s["top1_std"] for s in summary], fmt="o",
                     markersize=8, capsize=6, color="tab:blue", label="mean +/- std")
     for i, name in enumerate(names):
@@ -245,7 +244,6 @@ def plot_results(study: str, summary: list[dict[str, Any]], rows: list[dict[str,
     fig.tight_layout()
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=110)
-    plt.close(fig)
     write_atomic(path, buffer.getvalue())
 
 

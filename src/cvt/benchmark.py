@@ -4,8 +4,9 @@ Four implementations of the same function:
 
 - `ours-eager`: the `CvT` model as it comes (eager PyTorch, `scaled_dot_product_attention`);
 - `ours-fast`: our fastest mode: for inference `optimize_for_inference(logits_only=True)` (BatchNorm folded,
-  fused k/v, the last block computes the class token alone), oneDNN linears on the CPU and `torch.compile(fullgraph=True)`; for training the same model with oneDNN
-  linears, `torch.compile(fullgraph=True)` and fused AdamW;
+  fused k/v, the last block computes the class token alone), oneDNN linears on the CPU and
+  `torch.compile(fullgraph=True)`; for training the same model with oneDNN linears, `torch.compile(fullgraph=True)`
+  and fused AdamW;
 - `hf`: transformers' `CvtForImageClassification` holding the same weights (`cvt.weights.to_hf`);
 - `official-style`: `OfficialStyleCvT`, the official code's computation (einsum attention over a
   materialised score matrix, separate q/k/v convolutions and norms, einops-style reshapes) on the same weights.
@@ -35,8 +36,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .fast import compile_model, optimize_for_inference, use_onednn_linears
 from .files import write_atomic
-from .model import CvT, Stage
+from .flops import count_macs
+from .model import CvT, Stage, create_model
 
 __all__ = ["OfficialStyleCvT", "run_benchmark", "results_markdown", "write_report", "MODES"]
 
@@ -71,9 +74,7 @@ class OfficialStyleCvT(nn.Module):
         x_map = x.transpose(1, 2).reshape(b, c, h, w)
 
         def project(proj: nn.Module | None) -> torch.Tensor:
-            if proj is None:
-                return x_map.flatten(2).transpose(1, 2).reshape(b, h * w, c)
-            out = proj(x_map)
+            out = x_map if proj is None else proj(x_map)
             return out.flatten(2).transpose(1, 2).reshape(b, -1, c)
 
         q, k, v = project(attn.conv_proj_q), project(attn.conv_proj_k), project(attn.conv_proj_v)
@@ -118,8 +119,6 @@ class OfficialStyleCvT(nn.Module):
 
 def _inference_callables(model: CvT, modes: tuple[str, ...], dtype: torch.dtype, compile_fast: bool
                          ) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
-    from .fast import compile_model, optimize_for_inference, use_onednn_linears
-
     fns: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {}
     for mode in modes:
         if mode == EAGER:
@@ -145,8 +144,6 @@ def _training_step(module: nn.Module, logits_of: Callable[[torch.Tensor], torch.
     module.train()
     optimizer = torch.optim.AdamW(module.parameters(), lr=1e-4, weight_decay=0.05,
                                   **({"fused": True} if fused_optimizer else {}))
-    from .fast import compile_model
-
     forward = compile_model(logits_of) if compile_step else logits_of
 
     def step(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -162,8 +159,6 @@ def _training_step(module: nn.Module, logits_of: Callable[[torch.Tensor], torch.
 
 def _training_callables(model: CvT, modes: tuple[str, ...], dtype: torch.dtype, compile_fast: bool,
                         device: torch.device) -> dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]]:
-    from .fast import use_onednn_linears
-
     autocast_dtype = None if dtype == torch.float32 else dtype
     steps = {}
     for mode in modes:
@@ -331,14 +326,13 @@ def run_benchmark(
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Measure every mode in `modes` on the same weights and inputs; returns a JSON-able dict."""
-    from .flops import count_macs
-    from .model import create_model
-
     unknown = [m for m in modes if m not in MODES]
     if unknown:
         raise ValueError(f"unknown benchmark modes {unknown}: choose from {list(MODES)}")
-    if batch_size < 1 or repeats < 1 or warmup < 0:
-        raise ValueError("batch size and repeats must be at least 1, warm-up at least 0")
+    train_batch = train_batch_size or batch_size
+    if min(batch_size, train_batch, repeats) < 1 or warmup < 0:
+        raise ValueError(f"batch sizes and repeats must be at least 1 and warm-up at least 0, got batch size "
+                         f"{batch_size}, training batch size {train_batch}, repeats {repeats}, warm-up {warmup}")
     torch_device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if torch_device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda asked for, but no CUDA device is available; use --device cpu")
@@ -357,7 +351,6 @@ def run_benchmark(
     model.to(torch_device)
     size = img_size or model.img_size[0]
     macs = count_macs(model, size)
-    train_batch = train_batch_size or batch_size
     x = torch.randn(batch_size, model.in_chans, size, size, device=torch_device)
     x_one = x[:1].clone()
     x_train = torch.randn(train_batch, model.in_chans, size, size, device=torch_device)
@@ -373,7 +366,7 @@ def run_benchmark(
     infer_fns: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {}
     steps: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {}
     if inference or latency:
-        infer_fns = _inference_callables(model.to(torch_device), modes, torch_dtype, compile_fast)
+        infer_fns = _inference_callables(model, modes, torch_dtype, compile_fast)
         with torch.inference_mode():
             if inference:
                 log(f"inference, batch {batch_size}: warm-up (compiles) and {repeats} interleaved repeats")
@@ -409,8 +402,8 @@ def run_benchmark(
             for mode, s in steps.items():
                 rows[mode]["train_peak_mib"] = _peak_memory_mib(lambda s=s: s(x_train, y_train), torch_device)
 
-    for row in rows.values():
-        if peak:
+    if peak:
+        for row in rows.values():
             if "infer_img_s" in row:
                 row["infer_peak_fraction"] = 2 * macs * row["infer_img_s"] / (peak * 1e12)
             if "train_img_s" in row:
@@ -460,8 +453,8 @@ def results_markdown(report: dict[str, Any]) -> str:
 
 
 def write_report(report: dict[str, Any], out_dir: str | os.PathLike) -> tuple[str, str]:
-    """Write the report as `<model>_<device>_<dtype>_b<batch>.json` and `.md` in `out_dir`; returns both paths."""
-    os.makedirs(out_dir, exist_ok=True)
+    """Write the report as `<model>_<device>_<dtype>_b<batch>.json` and `.md` in `out_dir` (created if need be);
+    returns both paths."""
     stem = os.path.join(out_dir, f"{report['model']}_{report['device']}_{report['dtype']}_b{report['batch_size']}")
     paths = []
     for suffix, text in ((".json", json.dumps(report, indent=1) + "\n"), (".md", results_markdown(report))):

@@ -120,14 +120,14 @@ def cmd_convert(args: argparse.Namespace) -> None:
 def cmd_ablate(args: argparse.Namespace) -> None:
     from .ablations import PAPER_MODEL, describe_study, results_table, run_study, summarize
 
-    if args.dry_run:
-        if args.config:
-            from .engine import load_config
+    config = None
+    if args.config:
+        from .engine import load_config
 
-            model_cfg = load_config(args.config, args.set or [])["model"]
-            name, model_args = model_cfg["name"], model_cfg.get("args") or {}
-        else:
-            name, model_args = PAPER_MODEL, {}
+        config = load_config(args.config, args.set or [])
+    if args.dry_run:
+        model_cfg = config["model"] if config else {"name": PAPER_MODEL}
+        name, model_args = model_cfg["name"], model_cfg.get("args") or {}
         rows = [("variant", "overrides", "params", "GMACs @224", "paper GMACs")]
         for r in describe_study(args.study, name, model_args):
             overrides = ", ".join(f"{k}={v}" for k, v in r["overrides"].items())
@@ -137,12 +137,9 @@ def cmd_ablate(args: argparse.Namespace) -> None:
         print(f"{args.study} study on {name}{base}: 1000 classes, MACs for one 224x224 image")
         print_table(rows)
         return
-    if not args.config:
+    if config is None:
         raise ValueError("training a study needs --config FILE (e.g. configs/ablate_digits.yaml); "
                          "add --dry-run to list the variants without training")
-    from .engine import load_config
-
-    config = load_config(args.config, args.set or [])
     rows = run_study(args.study, config, seeds=args.seeds, output_dir=args.output)
     if rows:  # none when train.epochs_per_run stopped a run part-way
         print(results_table(summarize(rows)))
@@ -160,7 +157,8 @@ def cmd_benchmark(args: argparse.Namespace) -> None:
     )
     words = ["cvt", "benchmark"]
     for key, value in vars(args).items():
-        if key in ("command", "func", "out") or value in (None, False):
+        # `is`, not `in (None, False)`: 0 == False, and `--warmup 0` must stay in the recorded command.
+        if key in ("command", "func", "out") or value is None or value is False:
             continue
         words.append("--" + key.replace("_", "-"))
         if value is not True:

@@ -242,13 +242,11 @@ def write_metrics(rows: list[dict[str, Any]], output_dir: Path) -> None:
 
 def plot_curves(rows: list[dict[str, Any]], path: Path) -> None:
     """Loss (training and held-out) and held-out top-1 per epoch."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # not pyplot: no global backend switch in the caller's process
 
     epochs = [r["epoch"] for r in rows]
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
+    fig = Figure(figsize=(10, 4))
+    ax_loss, ax_acc = fig.subplots(1, 2)
     ax_loss.plot(epochs, [r["train_loss"] for r in rows], label="training")
     ax_loss.plot(epochs, [r["val_loss"] for r in rows], label="held-out")
     ax_loss.set(xlabel="epoch", ylabel="loss", title="loss")
@@ -262,7 +260,6 @@ def plot_curves(rows: list[dict[str, Any]], path: Path) -> None:
     fig.tight_layout()
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=100)
-    plt.close(fig)
     write_atomic(path, buffer.getvalue())
 
 
@@ -270,9 +267,12 @@ def plot_curves(rows: list[dict[str, Any]], path: Path) -> None:
 # Models and checkpoints
 
 def read_training_checkpoint(path: str | os.PathLike) -> dict[str, Any] | None:
-    """The whole state of a checkpoint written by `train` (config, optimizer, ...); None for any other file."""
+    """The whole state of a checkpoint written by `train` (config, optimizer, ...); None for any other file.
+
+    Recognised by its content, whatever its name, as `weights.load_checkpoint` recognises it; mmap, so that reading
+    the config or the epoch does not load the tensors."""
     path = Path(path)
-    if not (path.is_file() and path.suffix == ".pth"):
+    if not path.is_file():
         return None
     try:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
@@ -358,10 +358,10 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, model_name: str | None = 
 
 
 def checkpoint_note(path: Path) -> str:
-    if not path.exists():
+    state = read_training_checkpoint(path)
+    if state is None:
         return "no checkpoint was written before it"
-    epoch = torch.load(path, map_location="cpu", weights_only=True, mmap=True)["epoch"]
-    return f"the last good checkpoint is {path} (epoch {epoch}); resume from it with --resume"
+    return f"the last good checkpoint is {path} (epoch {state['epoch']}); resume from it with --resume"
 
 
 # ---------------------------------------------------------------------------------------------------------------

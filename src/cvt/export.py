@@ -17,7 +17,6 @@ from __future__ import annotations
 import os
 import warnings
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -38,13 +37,14 @@ class ExportCheck:
 
     max_abs_diff: dict[tuple[int, int, int], float]
     atol: float
+    in_chans: int
 
     @property
     def passed(self) -> bool:
         return all(d <= self.atol for d in self.max_abs_diff.values())
 
     def summary(self) -> str:
-        return ", ".join(f"{b}x3x{h}x{w}: {d:.1e}" for (b, h, w), d in self.max_abs_diff.items())
+        return ", ".join(f"{b}x{self.in_chans}x{h}x{w}: {d:.1e}" for (b, h, w), d in self.max_abs_diff.items())
 
 
 def check_sizes(model: nn.Module) -> list[tuple[int, int]]:
@@ -91,15 +91,15 @@ def _load_torchscript(path: str) -> Callable[[torch.Tensor], np.ndarray]:
 _EXPORTERS = {"onnx": (_export_onnx, _load_onnx), "torchscript": (_export_torchscript, _load_torchscript)}
 
 
-def _compare(run: Callable[[torch.Tensor], np.ndarray], model: nn.Module, atol: float, seed: int = 0) -> ExportCheck:
-    generator = torch.Generator().manual_seed(seed)
+def _compare(run: Callable[[torch.Tensor], np.ndarray], model: nn.Module, atol: float) -> ExportCheck:
+    generator = torch.Generator().manual_seed(0)
     diffs = {}
     for h, w in check_sizes(model):
         for batch in CHECK_BATCH_SIZES:
             x = torch.randn(batch, model.in_chans, h, w, generator=generator)
             expected = model(x).numpy()
             diffs[(batch, h, w)] = float(np.abs(run(x) - expected).max())
-    return ExportCheck(diffs, atol)
+    return ExportCheck(diffs, atol, model.in_chans)
 
 
 @torch.no_grad()
@@ -108,19 +108,22 @@ def export_model(model: nn.Module, path: str | os.PathLike, fmt: str, atol: floa
 
     The file is written under a temporary name, run at `check_sizes(model)` with batch sizes 1 and 2, and moved to
     `path` only if every output is within `atol` of the model's; otherwise nothing is left at `path` and a
-    ValueError says how far off it was. Returns the differences.
+    ValueError says how far off it was. Returns the differences. The model is exported in eval mode and left in
+    the mode it came in.
     """
     if fmt not in _EXPORTERS:
         raise ValueError(f"unknown export format {fmt!r}: choose one of {FORMATS}")
     export, load = _EXPORTERS[fmt]
-    model = model.eval()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path) as tmp:
-        # Batch 2, not 1: torch.export specialises a dimension whose example size is 1.
-        export(model, torch.randn(2, model.in_chans, *model.img_size), str(tmp))
-        check = _compare(load(str(tmp)), model, atol)
-        if not check.passed:
-            raise ValueError(f"the {fmt} export does not reproduce the PyTorch outputs within {atol:g} "
-                             f"(max abs diff {check.summary()}); nothing was written to {path}")
+    was_training = model.training
+    model.eval()
+    try:
+        with atomic_path(path) as tmp:
+            # Batch 2, not 1: torch.export specialises a dimension whose example size is 1.
+            export(model, torch.randn(2, model.in_chans, *model.img_size), str(tmp))
+            check = _compare(load(str(tmp)), model, atol)
+            if not check.passed:
+                raise ValueError(f"the {fmt} export does not reproduce the PyTorch outputs within {atol:g} "
+                                 f"(max abs diff {check.summary()}); nothing was written to {path}")
+    finally:
+        model.train(was_training)
     return check

@@ -139,6 +139,9 @@ def optimize_for_inference(model: CvT, logits_only: bool = False) -> CvT:
     if not isinstance(model, CvT):
         raise TypeError(f"optimize_for_inference expects a cvt.CvT, got {type(model).__name__}; for features_only "
                         "models pass the wrapped model (features.model)")
+    if logits_only and model.global_pool != "token":
+        raise ValueError("logits_only needs a classifier that reads the class token (global_pool='token'); "
+                         "this model averages every token, so all of them are needed")
     fast = copy.deepcopy(model).eval()
     for stage in fast.stages:
         for block in stage.blocks:
@@ -146,9 +149,6 @@ def optimize_for_inference(model: CvT, logits_only: bool = False) -> CvT:
             if isinstance(attn.conv_proj_k, nn.Sequential) and hasattr(attn.conv_proj_k, "bn"):
                 block.attn = FusedKVAttention(attn)
     if logits_only:
-        if fast.global_pool != "token":
-            raise ValueError("logits_only needs a classifier that reads the class token (global_pool='token'); "
-                             "this model averages every token, so all of them are needed")
         last_stage = fast.stages[-1]
         last_stage.blocks[-1] = ClassTokenBlock(last_stage.blocks[-1])
     for module in fast.modules():

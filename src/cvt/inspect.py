@@ -134,8 +134,10 @@ def attention_maps(model: CvT, images: torch.Tensor) -> AttentionMaps:
     if model.stages[-1].cls_token is None:
         raise ValueError("attention maps follow the class token, and this model has none in its last stage; "
                          "build it with cls_token=(False, False, True) as the released models are")
+    if not model.stages[-1].blocks:
+        raise ValueError("attention maps are read from the last stage's blocks, and this model has none there: "
+                         "build it with depths[-1] >= 1")
     records: list[tuple[Attention, torch.Tensor, int, int]] = []
-
     last_stage = f"stage{len(model.stages) - 1}."
 
     def record(name: str, module: Attention, q: torch.Tensor, k: torch.Tensor, h: int, w: int) -> None:
@@ -181,10 +183,7 @@ def load_image(path: str | os.PathLike, model: CvT, size: tuple[int, int] | None
 def draw_attention(picture, maps: AttentionMaps, path: str | os.PathLike, title: str = "") -> None:
     """Draw the maps of the first image in `maps` over `picture` (the model's input, as a PIL image or an
     H x W x 3 array): the head-averaged and per-head class-token attention of the last block, and the rollout."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # not pyplot: no global backend switch in the caller's process
 
     heads = maps.head_maps()[0]
     panels = [("input", None), ("last block, mean of heads", maps.mean_map()[0]),
@@ -192,7 +191,8 @@ def draw_attention(picture, maps: AttentionMaps, path: str | os.PathLike, title:
     panels += [(f"last block, head {i}", m) for i, m in enumerate(heads)]
     cols = min(len(panels), 5)
     rows = -(-len(panels) // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(3 * cols, 3 * rows + 0.4), squeeze=False)
+    fig = Figure(figsize=(3 * cols, 3 * rows + 0.4))
+    axes = fig.subplots(rows, cols, squeeze=False)
     height, width = (picture.height, picture.width) if hasattr(picture, "height") else picture.shape[:2]
     for ax, (label, attention) in zip(axes.flat, panels):
         ax.imshow(picture)
@@ -207,11 +207,8 @@ def draw_attention(picture, maps: AttentionMaps, path: str | os.PathLike, title:
         fig.suptitle(title)
     fig.tight_layout()
     path = Path(path)
-    try:
-        with atomic_path(path) as tmp:
-            fig.savefig(tmp, dpi=100, format=path.suffix.lstrip(".") or "png")
-    finally:
-        plt.close(fig)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=100, format=path.suffix.lstrip(".") or "png")
 
 
 @dataclass

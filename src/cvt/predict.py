@@ -14,18 +14,7 @@ from PIL import Image
 
 from .data import eval_transform
 from .engine import pick_device
-from .weights import model_from_checkpoint
-
-
-def label_names(model: torch.nn.Module) -> list[str]:
-    names = model.pretrained_cfg.get("label_names")
-    if names:
-        return list(names)
-    if model.num_classes == 1000:
-        from timm.data import ImageNetInfo
-
-        return ImageNetInfo().label_descriptions()
-    return [f"class {i}" for i in range(model.num_classes)]
+from .weights import label_names, model_from_checkpoint
 
 
 @torch.no_grad()
@@ -35,7 +24,7 @@ def predict(images: list[str | os.PathLike], checkpoint: str | os.PathLike, mode
     model = model_from_checkpoint(checkpoint, model_name)
     device_ = pick_device(device)
     model.to(device_).eval()
-    names = label_names(model)
+    names = label_names(model) or [f"class {i}" for i in range(model.num_classes)]
     transform = eval_transform({"img_size": model.pretrained_cfg["input_size"][-1]}, model.pretrained_cfg)
     mode = "RGB" if model.in_chans == 3 else "L"
     results = []
@@ -44,7 +33,8 @@ def predict(images: list[str | os.PathLike], checkpoint: str | os.PathLike, mode
         try:
             image = Image.open(path).convert(mode)
         except (OSError, SyntaxError) as e:
-            raise ValueError(f"cannot read {path} as an image: {e}") from None
+            raise ValueError(f"cannot read {path} as an image ({e}): pass image files Pillow reads, "
+                             "such as JPEG or PNG") from None
         probs = model(transform(image).unsqueeze(0).to(device_)).softmax(dim=-1)[0].float().cpu()
         values, indices = probs.topk(min(topk, len(probs)))
         results.append({"image": str(path), "predictions": [

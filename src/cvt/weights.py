@@ -55,12 +55,14 @@ class Checkpoint:
     """Weights in the official names, and what the file says about the model they belong to.
 
     `model_args` are the CvT arguments the checkpoint dictates (from a config; empty for a bare state dict),
-    `model_name` the zoo name it was saved under (our own directories only).
+    `model_name` the zoo name it was saved under (our own formats only).
     """
 
     state_dict: dict[str, torch.Tensor]
     source: str
-    kind: str  # "official" (a state-dict file), "hf" or "cvt" (a directory)
+    # "official" (a bare state-dict file), "hf" (a Hugging Face directory) or "cvt" (a save_pretrained directory or
+    # a `cvt train` checkpoint)
+    kind: str
     model_args: dict[str, Any] = field(default_factory=dict)
     model_name: str | None = None
     pretrained_cfg: dict[str, Any] = field(default_factory=dict)
@@ -372,6 +374,19 @@ def _label_cfg(config: dict[str, Any]) -> dict[str, Any]:
     return {"label_names": names}
 
 
+def label_names(model: CvT) -> list[str] | None:
+    """The model's class names: its own (saved with it), ImageNet-1k's (bundled with timm) for a 1000-class model
+    without any, else None."""
+    names = model.pretrained_cfg.get("label_names")
+    if names:
+        return list(names)
+    if model.num_classes == 1000:
+        from timm.data import ImageNetInfo
+
+        return ImageNetInfo().label_descriptions()
+    return None
+
+
 def hf_config(model: CvT):
     """A transformers `CvtConfig` for this model; an error names what transformers' CvT cannot represent."""
     from transformers import CvtConfig
@@ -398,12 +413,8 @@ def hf_config(model: CvT):
         problems.append(f"LayerNorm eps {cfg['norm_eps']} / {cfg['head_norm_eps']} (it always uses {default_eps})")
     if problems:
         raise ValueError("transformers' CvtForImageClassification cannot represent this model: " + "; ".join(problems))
-    label_names = model.pretrained_cfg.get("label_names")
-    if label_names is None and model.num_classes == 1000:
-        from timm.data import ImageNetInfo
-
-        label_names = ImageNetInfo().label_descriptions()
-    labels = {"id2label": dict(enumerate(label_names))} if label_names else {}
+    names = label_names(model)
+    labels = {"id2label": dict(enumerate(names))} if names else {}
     hf_args = {hf: stage[ours] for hf, ours in _HF_CONFIG_NAMES.items() if ours != "in_chans"}
     return CvtConfig(num_channels=model.in_chans, num_labels=model.num_classes, **hf_args, **labels)
 
