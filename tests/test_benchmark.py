@@ -48,3 +48,20 @@ def test_benchmark_smoke_run_writes_json_and_markdown(tmp_path, capsys):
     assert "| ours-fast |" in markdown and "| official-style |" in markdown and markdown in printed
     # the recorded command reproduces the run, zero-valued options included
     assert "--warmup 0 --repeats 1 --no-compile" in report["command"]
+
+
+def test_benchmark_keeps_freed_memory_and_still_measures_peaks(tmp_path):
+    # A process of its own: the allocator setting is process-wide.
+    import subprocess
+    import sys
+
+    subprocess.run([sys.executable, "-m", "cvt", "benchmark", "--model", "cvt_13_224", "--img-size", "32",
+                    "--batch-size", "2", "--repeats", "1", "--warmup", "1", "--no-compile", "--no-latency",
+                    "--device", "cpu", "--keep-freed-memory", "--modes", "ours-eager", "official-style",
+                    "--out", str(tmp_path), "--set", "embed_dims=[16,32,48]", "depths=[1,1,2]",
+                    "num_heads=[1,2,3]", "num_classes=10"], check=True, capture_output=True)
+    report = json.loads((tmp_path / "cvt_13_224_cpu_float32_b2.json").read_text())
+    assert report["keep_freed_memory"] is True and "--keep-freed-memory" in report["command"]
+    for row in report["results"]:
+        assert row["infer_img_s"] > 0 and row["train_img_s"] > 0
+        assert row["infer_peak_mib"] is not None and row["train_peak_mib"] is not None

@@ -13,7 +13,10 @@ Four implementations of the same function:
 
 Each is timed for inference throughput at a batch size, latency at batch 1 and a training step (forward,
 cross-entropy, backward, AdamW step). Calls are interleaved across implementations, repeated, and the median
-kept, so a machine shared with other work slows all of them alike. Peak memory is measured after the timing:
+kept, so a machine shared with other work slows all of them alike. On the CPU, glibc's allocator hands large
+buffers back to the system on free, so a call may pay page faults for fresh memory, more or less depending on
+what ran before it; `keep_freed_memory=True` keeps every freed block in the process, as jemalloc or tcmalloc
+would, so that the timings measure the arithmetic alone. Peak memory is measured after the timing:
 
 - CUDA: `torch.cuda.max_memory_allocated` during one call, minus what was allocated before it;
 - CPU: the process's resident-memory high-water mark (Linux `VmHWM`, reset through `/proc/self/clear_refs`)
@@ -126,7 +129,8 @@ def _inference_callables(model: CvT, modes: tuple[str, ...], dtype: torch.dtype,
         elif mode == FAST:
             fast = optimize_for_inference(model, logits_only=model.global_pool == "token")
             fast = use_onednn_linears(fast).to(dtype)
-            fns[mode] = compile_model(fast) if compile_fast else fast
+            on_cuda = next(model.parameters()).is_cuda
+            fns[mode] = compile_model(fast, cuda_graphs=on_cuda) if compile_fast else fast
         elif mode == HF:
             from .weights import to_hf
 
@@ -256,13 +260,25 @@ def _peak_memory_mib(fn: Callable[[], Any], device: torch.device) -> float | Non
     return (_proc_status_kib("VmHWM") - before) / 1024
 
 
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_MMAP_MAX = -1, -3, -4  # glibc's mallopt parameters
+GLIBC_DEFAULT_MMAP_MAX = 65536
+
+
+def _keep_freed_memory() -> None:
+    # Every block from the heap, none returned to the system: after the warm-up no call pays page faults for
+    # fresh memory, as with a caching allocator (jemalloc, tcmalloc).
+    libc = ctypes.CDLL("libc.so.6")
+    libc.mallopt(M_MMAP_MAX, 0)
+    libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1)
+
+
 def _track_cpu_allocations_exactly() -> None:
     # glibc keeps freed blocks below a threshold that grows up to 32 MiB; fixing it low makes every tensor its
     # own mapping, returned on free, so resident memory follows live tensors.
     libc = ctypes.CDLL("libc.so.6")
-    m_trim_threshold, m_mmap_threshold = -1, -3
-    libc.mallopt(m_mmap_threshold, 64 * 1024)
-    libc.mallopt(m_trim_threshold, 64 * 1024)
+    libc.mallopt(M_MMAP_MAX, GLIBC_DEFAULT_MMAP_MAX)
+    libc.mallopt(M_MMAP_THRESHOLD, 64 * 1024)
+    libc.mallopt(M_TRIM_THRESHOLD, 64 * 1024)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -320,6 +336,7 @@ def run_benchmark(
     training: bool = True,
     train_batch_size: int | None = None,
     memory: bool = True,
+    keep_freed_memory: bool = False,
     peak_tflops: float | None = None,
     overrides: dict[str, Any] | None = None,
     seed: int = 0,
@@ -339,6 +356,11 @@ def run_benchmark(
     torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(dtype)
     if torch_dtype is None:
         raise ValueError(f"unknown dtype {dtype!r}: choose float32 or bfloat16")
+    if keep_freed_memory and torch_device.type != "cpu":
+        raise ValueError("--keep-freed-memory sets the CPU allocator (glibc); it has no effect on "
+                         f"{torch_device.type}: leave it out")
+    if keep_freed_memory:
+        _keep_freed_memory()
     if threads:
         torch.set_num_threads(threads)
     torch.manual_seed(seed)
@@ -422,7 +444,8 @@ def run_benchmark(
     return {
         "model": model_name, "img_size": size, "batch_size": batch_size, "train_batch_size": train_batch,
         "gmacs_per_image": macs / 1e9, "bf16_peak_tflops": peak, "warmup": warmup, "repeats": repeats,
-        "compiled": compile_fast, **env, "results": list(rows.values()), "ratios": ratios,
+        "compiled": compile_fast, "keep_freed_memory": keep_freed_memory, **env, "results": list(rows.values()),
+        "ratios": ratios,
     }
 
 

@@ -152,7 +152,8 @@ def cmd_benchmark(args: argparse.Namespace) -> None:
         args.model, batch_size=args.batch_size, img_size=args.img_size, device=args.device, dtype=args.dtype,
         threads=args.threads, warmup=args.warmup, repeats=args.repeats, modes=tuple(args.modes or MODES),
         compile_fast=not args.no_compile, latency=not args.no_latency, training=not args.no_train,
-        train_batch_size=args.train_batch_size, memory=not args.no_memory, peak_tflops=args.peak_tflops,
+        train_batch_size=args.train_batch_size, memory=not args.no_memory,
+        keep_freed_memory=args.keep_freed_memory, peak_tflops=args.peak_tflops,
         overrides=parse_overrides(args.set),
     )
     words = ["cvt", "benchmark"]
@@ -331,6 +332,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-latency", action="store_true", help="skip the batch-1 latency")
     p.add_argument("--no-train", action="store_true", help="skip the training step")
     p.add_argument("--no-memory", action="store_true", help="skip peak memory")
+    p.add_argument("--keep-freed-memory", action="store_true",
+                   help="CPU: glibc keeps freed memory (as jemalloc/tcmalloc would), so no mode pays page faults "
+                        "for fresh buffers during the timings")
     p.add_argument("--peak-tflops", type=float, default=None, help="the device's bf16 peak, for the %% of peak")
     p.add_argument("--set", nargs="*", metavar="KEY=VALUE", help="model overrides, e.g. depths=[1,1,2]")
     p.add_argument("--out", default=None, help="directory for the JSON and markdown results")

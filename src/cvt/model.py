@@ -72,6 +72,24 @@ def _build_projection(method: str, dim: int, kernel_size: int, stride: int, padd
     raise ValueError(f"unknown projection method {method!r}: choose one of {PROJ_METHODS}")
 
 
+def depthwise_conv_taps(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """`conv(x)` for a depth-wise `conv` as the sum over its kernel taps of strided slices of the padded input."""
+    if conv.groups != conv.in_channels or conv.out_channels != conv.in_channels or conv.dilation != (1, 1):
+        raise ValueError("depthwise_conv_taps computes depth-wise convolutions (groups = in = out channels, "
+                         f"no dilation), got {conv}")
+    (kh, kw), (sh, sw), (ph, pw) = conv.kernel_size, conv.stride, conv.padding
+    h_out = (x.shape[2] + 2 * ph - kh) // sh + 1
+    w_out = (x.shape[3] + 2 * pw - kw) // sw + 1
+    x = F.pad(x, (pw, pw, ph, ph))
+    weight = conv.weight.squeeze(1)  # (C, kh, kw)
+    out = conv.bias[:, None, None] if conv.bias is not None else 0
+    for i in range(kh):
+        for j in range(kw):
+            tap = x[:, :, i:i + sh * (h_out - 1) + 1:sh, j:j + sw * (w_out - 1) + 1:sw]
+            out = out + tap * weight[:, i, j, None, None]
+    return out
+
+
 class Attention(nn.Module):
     """Multi-head attention with convolutional projections of q, k and v.
 
@@ -118,6 +136,13 @@ class Attention(nn.Module):
     def _project(proj: nn.Module | None, x_map: torch.Tensor, x_tokens: torch.Tensor) -> torch.Tensor:
         if proj is None:
             return x_tokens
+        if torch.compiler.is_compiling() and x_map.is_cuda and hasattr(proj, "conv"):
+            # Compiled for a GPU, the depth-wise conv is written out as its taps: inductor fuses them with the
+            # BatchNorm, the LayerNorm before and the layout change after into one pass over the tokens, where
+            # a conv kernel is a pass of its own with copies to and from its layout. On the CPU the conv kernel
+            # is faster (BENCHMARKS.md).
+            x = depthwise_conv_taps(proj.conv, x_map)
+            return (proj.bn(x) if hasattr(proj, "bn") else x).flatten(2).transpose(1, 2)
         return proj(x_map).flatten(2).transpose(1, 2)
 
     def qkv(self, x: torch.Tensor, h: int, w: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
