@@ -1,10 +1,10 @@
 """What each inference fast path buys, alone and together: interleaved medians on the same weights and input.
 
-    python benchmarks/fast_paths.py --threads 2 --batch-size 16
+    python benchmarks/fast_paths.py --threads 2 --batch-size 16 [--keep-freed-memory]
     python benchmarks/fast_paths.py --device cuda --dtype bfloat16 --batch-size 256
 
-Rows: the plain model; oneDNN linears (CPU only: on other devices they are plain linears); `optimize_for_inference`
-(BatchNorm folded, fused k/v, channels-last) with and without `logits_only`; `compile_model` on the unfused and the
+Rows: the plain model; oneDNN linears (CPU only: on other devices they are plain linears, and on the CPU every
+later row has them too); `optimize_for_inference` (BatchNorm folded) with and without `logits_only`; `compile_model` on the unfused and the
 fused model; the fused model compiled with inductor's layout optimisation left on; on CUDA also the fused model
 compiled with CUDA graphs (`mode="reduce-overhead"`). Every variant is first checked against the plain model in
 float32: to 1e-4 absolute in float32, to 2e-2 relative (norm of the difference over the norm of the logits) in
@@ -16,7 +16,7 @@ import copy
 import torch
 
 import cvt
-from cvt.benchmark import _interleaved_medians
+from cvt.benchmark import _interleaved_medians, retain_freed_memory
 from cvt.fast import compile_model, optimize_for_inference, use_onednn_linears
 
 
@@ -59,7 +59,11 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--no-compile", action="store_true")
+    parser.add_argument("--keep-freed-memory", action="store_true",
+                        help="CPU: glibc keeps freed memory, as in `cvt benchmark --keep-freed-memory`")
     args = parser.parse_args()
+    if args.keep_freed_memory:
+        retain_freed_memory()
     if args.threads:
         torch.set_num_threads(args.threads)
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
@@ -79,7 +83,7 @@ def main() -> None:
     base = medians["plain eager"]
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()} threads"
     print(f"{args.model}, batch {args.batch_size}, {args.dtype}, {where}, torch {torch.__version__}, "
-          f"median of {args.repeats}")
+          f"median of {args.repeats}" + (", glibc keeping freed memory" if args.keep_freed_memory else ""))
     print("| variant | img/s | speed-up over plain eager |")
     print("|---|---:|---:|")
     for name, seconds in medians.items():

@@ -1,7 +1,10 @@
 """Why `OneDNNLinear`: float32 GFLOP/s of CvT-13's linear layers (batch 16 @ 224) by MKL (`F.linear`) and by
 oneDNN (`OneDNNLinear`, a 1x1 convolution), forward and forward + backward.
 
-    python benchmarks/gemm.py --threads 2
+    python benchmarks/gemm.py --threads 2 [--keep-freed-memory]
+
+`--keep-freed-memory`: glibc keeps freed blocks (as in `cvt benchmark --keep-freed-memory`), so that an output
+buffer larger than glibc's mmap threshold does not cost page faults at every call.
 """
 import argparse
 import statistics
@@ -10,6 +13,7 @@ import time
 import torch
 import torch.nn as nn
 
+from cvt.benchmark import retain_freed_memory
 from cvt.fast import use_onednn_linears
 
 # (tokens per image, in, out) of CvT-13's products: stage-2 MLP and q/proj, stage-1 MLP, stage-0 MLP.
@@ -31,10 +35,14 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--keep-freed-memory", action="store_true")
     args = parser.parse_args()
+    if args.keep_freed_memory:
+        retain_freed_memory()
     if args.threads:
         torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {torch.backends.cpu.get_cpu_capability()}")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {torch.backends.cpu.get_cpu_capability()}"
+          + (", glibc keeping freed memory" if args.keep_freed_memory else ""))
     print("| tokens x in -> out | MKL fwd | oneDNN fwd | MKL fwd+bwd | oneDNN fwd+bwd |")
     print("|---|---:|---:|---:|---:|")
     for tokens, fan_in, fan_out in SHAPES:

@@ -60,7 +60,7 @@ def test_benchmark_keeps_freed_memory_and_still_measures_peaks(tmp_path):
                     "--device", "cpu", "--keep-freed-memory", "--modes", "ours-eager", "official-style",
                     "--out", str(tmp_path), "--set", "embed_dims=[16,32,48]", "depths=[1,1,2]",
                     "num_heads=[1,2,3]", "num_classes=10"], check=True, capture_output=True)
-    report = json.loads((tmp_path / "cvt_13_224_cpu_float32_b2.json").read_text())
+    report = json.loads((tmp_path / "cvt_13_224_cpu_float32_b2_keep-freed-memory.json").read_text())
     assert report["keep_freed_memory"] is True and "--keep-freed-memory" in report["command"]
     for row in report["results"]:
         assert row["infer_img_s"] > 0 and row["train_img_s"] > 0

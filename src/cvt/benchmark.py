@@ -264,9 +264,9 @@ M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_MMAP_MAX = -1, -3, -4  # glibc's mallopt p
 GLIBC_DEFAULT_MMAP_MAX = 65536
 
 
-def _keep_freed_memory() -> None:
-    # Every block from the heap, none returned to the system: after the warm-up no call pays page faults for
-    # fresh memory, as with a caching allocator (jemalloc, tcmalloc).
+def retain_freed_memory() -> None:
+    """Make glibc serve every block from the heap and return none to the system (process-wide): after a
+    warm-up no call pays page faults for fresh memory, as with a caching allocator (jemalloc, tcmalloc)."""
     libc = ctypes.CDLL("libc.so.6")
     libc.mallopt(M_MMAP_MAX, 0)
     libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1)
@@ -360,7 +360,7 @@ def run_benchmark(
         raise ValueError("--keep-freed-memory sets the CPU allocator (glibc); it has no effect on "
                          f"{torch_device.type}: leave it out")
     if keep_freed_memory:
-        _keep_freed_memory()
+        retain_freed_memory()
     if threads:
         torch.set_num_threads(threads)
     torch.manual_seed(seed)
@@ -476,9 +476,10 @@ def results_markdown(report: dict[str, Any]) -> str:
 
 
 def write_report(report: dict[str, Any], out_dir: str | os.PathLike) -> tuple[str, str]:
-    """Write the report as `<model>_<device>_<dtype>_b<batch>.json` and `.md` in `out_dir` (created if need be);
-    returns both paths."""
-    stem = os.path.join(out_dir, f"{report['model']}_{report['device']}_{report['dtype']}_b{report['batch_size']}")
+    """Write the report as `<model>_<device>_<dtype>_b<batch>[_keep-freed-memory].json` and `.md` in `out_dir`
+    (created if need be); returns both paths."""
+    stem = os.path.join(out_dir, f"{report['model']}_{report['device']}_{report['dtype']}_b{report['batch_size']}"
+                                 + ("_keep-freed-memory" if report.get("keep_freed_memory") else ""))
     paths = []
     for suffix, text in ((".json", json.dumps(report, indent=1) + "\n"), (".md", results_markdown(report))):
         path = stem + suffix
