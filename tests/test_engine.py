@@ -190,10 +190,19 @@ def test_gradient_accumulation_reaches_the_global_batch(tmp_path):
     assert whole["steps"] == accumulated["steps"] == 898 // 64
     a = torch.load(tmp_path / "whole" / "last.pth", weights_only=True)["model"]
     b = torch.load(tmp_path / "accumulated" / "last.pth", weights_only=True)["model"]
+    # oneDNN sums a product's gradient in an order that depends on the batch it is given, and Adam moves a
+    # parameter whose gradient is near zero by about the learning rate whatever its size: hence 5e-5.
     for k in a:
-        torch.testing.assert_close(a[k], b[k], atol=2e-5, rtol=1e-4)
+        torch.testing.assert_close(a[k], b[k], atol=5e-5, rtol=1e-4)
     with pytest.raises(ValueError, match="not a multiple of micro_batch_size 24"):
         tiny(tmp_path / "bad", *recipe, "train.micro_batch_size=24")
+
+
+def test_compiled_training_matches_eager_training(tmp_path):
+    eager = tiny(tmp_path / "eager", "train.epochs=1", "data.val_fraction=0.5")
+    compiled = tiny(tmp_path / "compiled", "train.epochs=1", "data.val_fraction=0.5", "model.compile=true")
+    assert compiled["steps"] == eager["steps"]
+    assert abs(compiled["loss"] - eager["loss"]) < 1e-3 and abs(compiled["top1"] - eager["top1"]) <= 0.6
 
 
 def test_bf16_autocast_ema_and_clipping_run_and_are_evaluated(tmp_path):

@@ -36,6 +36,7 @@ from torch.utils.data import DataLoader, Subset
 from torch.utils.data.distributed import DistributedSampler
 
 from .data import build_datasets, build_eval_dataset, collate_skipping, eval_crop
+from .fast import compile_model, use_onednn_linears
 from .files import copy_atomic, save_atomic, write_atomic, yaml_load
 from .flops import count_params
 from .model import ZOO, create_model, unknown_model_error
@@ -430,7 +431,9 @@ def train(config: dict, output_dir: str | os.PathLike) -> dict[str, Any]:
                              "unset it on the CPU")
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     ema = ModelEmaV3(model, decay=t_cfg["ema_decay"]) if t_cfg["ema_decay"] else None
-    run_model = torch.compile(model) if m_cfg["compile"] else model
+    if device.type == "cpu":
+        use_onednn_linears(model)  # same parameters; float32 products by oneDNN rather than MKL (BENCHMARKS.md)
+    run_model = compile_model(model) if m_cfg["compile"] else model
     train_model = run_model
     if world > 1:
         train_model = nn.parallel.DistributedDataParallel(run_model,
@@ -438,8 +441,10 @@ def train(config: dict, output_dir: str | os.PathLike) -> dict[str, Any]:
 
     # Optimisation -----------------------------------------------------------------------------------------
     lr = t_cfg["lr"] * (t_cfg["batch_size"] / t_cfg["lr_base_batch"] if t_cfg["lr_base_batch"] else 1)
+    # torch's Adam/AdamW: one fused kernel per step over all parameters, on the CPU and CUDA alike.
+    fused = {"fused": True} if t_cfg["optimizer"] in ("adam", "adamw") else {}
     optimizer = create_optimizer_v2(model, opt=t_cfg["optimizer"], lr=lr, weight_decay=t_cfg["weight_decay"],
-                                    momentum=t_cfg["momentum"])
+                                    momentum=t_cfg["momentum"], **fused)
     # Per-step cosine: warm-up from warmup_lr, decay to min_lr, then the cool-down epochs at min_lr.
     cosine_steps = max(1, total_steps - t_cfg["cooldown_epochs"] * steps_per_epoch)
     scheduler = CosineLRScheduler(optimizer, t_initial=cosine_steps, lr_min=t_cfg["min_lr"],
