@@ -106,10 +106,11 @@ def test_sdpa_path_matches_the_reference_attention_with_gradients():
     torch.testing.assert_close(x.grad, x_ref.grad, atol=1e-5, rtol=1e-4)
 
 
-def test_torch_compile_fullgraph_training_matches_eager_and_inference_runs():
+@pytest.mark.parametrize("size", [(32, 32), (48, 40)])
+def test_torch_compile_fullgraph_training_matches_eager_and_inference_runs(size):
     torch._dynamo.reset()
     model = tiny_model(drop_path_rate=0.0)
-    x = torch.randn(2, 3, 32, 32)
+    x = torch.randn(2, 3, *size)
     y = torch.randint(0, 10, (2,))
 
     eager = copy.deepcopy(model).train()

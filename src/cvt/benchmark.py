@@ -4,9 +4,9 @@ Four implementations of the same function:
 
 - `ours-eager`: the `CvT` model as it comes (eager PyTorch, `scaled_dot_product_attention`);
 - `ours-fast`: our fastest mode: for inference `optimize_for_inference(logits_only=True)` (BatchNorm folded,
-  fused k/v, the last block computes the class token alone), oneDNN linears on the CPU and
-  `torch.compile(fullgraph=True)`; for training the same model with oneDNN linears, `torch.compile(fullgraph=True)`
-  and fused AdamW;
+  the last block computes the class token alone), oneDNN linears on the CPU and `compile_model`
+  (`torch.compile(fullgraph=True)`, with CUDA graphs on CUDA); for training the unfused model with oneDNN
+  linears, `compile_model` and fused AdamW;
 - `hf`: transformers' `CvtForImageClassification` holding the same weights (`cvt.weights.to_hf`);
 - `official-style`: `OfficialStyleCvT`, the official code's computation (einsum attention over a
   materialised score matrix, separate q/k/v convolutions and norms, einops-style reshapes) on the same weights.

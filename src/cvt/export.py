@@ -9,8 +9,7 @@ the CPU; `onnx`, `onnxscript` and `onnxruntime` are the optional `export` extra.
 traced graph computes every shape from the input, so it too runs at any batch size and resolution.
 
 The plain model is exported, not `cvt.optimize_for_inference(model)`: ONNX Runtime folds BatchNorm into the
-convolutions by itself and ran the fused k/v graph slower than the plain one on the CPU, and traced TorchScript
-ran it no faster, so the rewrite would only add a step.
+convolutions by itself, so the rewrite would only add a step.
 """
 from __future__ import annotations
 
