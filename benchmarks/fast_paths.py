@@ -4,11 +4,11 @@
     python benchmarks/fast_paths.py --device cuda --dtype bfloat16 --batch-size 256
 
 Rows: the plain model; oneDNN linears (CPU only: on other devices they are plain linears, and on the CPU every
-later row has them too); `optimize_for_inference` (BatchNorm folded) with and without `logits_only`; `compile_model` on the unfused and the
-fused model; the fused model compiled with inductor's layout optimisation left on; on CUDA also the fused model
-compiled with CUDA graphs (`mode="reduce-overhead"`). Every variant is first checked against the plain model in
-float32: to 1e-4 absolute in float32, to 2e-2 relative (norm of the difference over the norm of the logits) in
-bfloat16.
+later row has them too); `optimize_for_inference` (BatchNorm folded) with and without `logits_only`;
+`compile_model` on the unfused and the fused model; the fused model compiled with inductor's layout optimisation
+left on; on CUDA also the fused model compiled with CUDA graphs (`compile_model(..., cuda_graphs=True)`).
+Every variant is first checked against the plain model in float32: to 1e-4 absolute in float32, to 2e-2
+relative (norm of the difference over the norm of the logits) in bfloat16.
 """
 import argparse
 import copy

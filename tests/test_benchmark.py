@@ -1,6 +1,8 @@
 """The official-style reference computes our model's function; the benchmark runs end to end on a tiny model."""
 import copy
 import json
+import subprocess
+import sys
 
 import torch
 import torch.nn as nn
@@ -52,9 +54,6 @@ def test_benchmark_smoke_run_writes_json_and_markdown(tmp_path, capsys):
 
 def test_benchmark_keeps_freed_memory_and_still_measures_peaks(tmp_path):
     # A process of its own: the allocator setting is process-wide.
-    import subprocess
-    import sys
-
     subprocess.run([sys.executable, "-m", "cvt", "benchmark", "--model", "cvt_13_224", "--img-size", "32",
                     "--batch-size", "2", "--repeats", "1", "--warmup", "1", "--no-compile", "--no-latency",
                     "--device", "cpu", "--keep-freed-memory", "--modes", "ours-eager", "official-style",

@@ -425,14 +425,14 @@ def train(config: dict, output_dir: str | os.PathLike) -> dict[str, Any]:
         log(f"fine-tuning from {provenance['pretrained']}: new {len(class_names)}-class head "
             f"(the checkpoint's had {provenance['pretrained_classes']})")
     model.to(device)
+    if device.type == "cpu":
+        use_onednn_linears(model)  # same parameters; float32 products by oneDNN rather than MKL (BENCHMARKS.md)
     if m_cfg["sync_bn"] and world > 1:
         if device.type != "cuda":
             raise ValueError("model.sync_bn needs GPUs (PyTorch's SyncBatchNorm runs on CUDA only): "
                              "unset it on the CPU")
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     ema = ModelEmaV3(model, decay=t_cfg["ema_decay"]) if t_cfg["ema_decay"] else None
-    if device.type == "cpu":
-        use_onednn_linears(model)  # same parameters; float32 products by oneDNN rather than MKL (BENCHMARKS.md)
     run_model = compile_model(model) if m_cfg["compile"] else model
     train_model = run_model
     if world > 1:
