@@ -9,15 +9,24 @@ later row has them too); `optimize_for_inference` (BatchNorm folded) with and wi
 left on; on CUDA also the fused model compiled with CUDA graphs (`compile_model(..., cuda_graphs=True)`).
 Every variant is first checked against the plain model in float32: to 1e-4 absolute in float32, to 2e-2
 relative (norm of the difference over the norm of the logits) in bfloat16.
+
+`--profile` (CUDA) then prints the kernels that take the most GPU time in three calls of ours-fast
+(`torch.profiler`): where the time of the fastest mode goes. On the CPU the profiler's per-operator times inside
+a compiled graph were seen to be far off (a product timed at twice what it and the LayerNorm before it took
+without the profiler), so it is not offered there.
 """
 import argparse
 import copy
 
 import torch
+from torch.profiler import ProfilerActivity, profile
 
 import cvt
 from cvt.benchmark import _interleaved_medians, retain_freed_memory
 from cvt.fast import compile_model, optimize_for_inference, use_onednn_linears
+
+
+OURS_FAST = "compiled: optimize_for_inference(logits_only) (ours-fast)"
 
 
 def variants_for(model: cvt.CvT, device: torch.device, compile_them: bool) -> dict[str, torch.nn.Module]:
@@ -32,7 +41,7 @@ def variants_for(model: cvt.CvT, device: torch.device, compile_them: bool) -> di
     if compile_them:
         variants["compiled: plain"] = compile_model(variants.get("oneDNN linears", model))
         variants["compiled: optimize_for_inference"] = compile_model(fused)
-        variants["compiled: optimize_for_inference(logits_only) (ours-fast)"] = compile_model(logits_only)
+        variants[OURS_FAST] = compile_model(logits_only)
         variants["compiled with inductor layout optimisation: optimize_for_inference(logits_only)"] = (
             torch.compile(copy.deepcopy(logits_only), fullgraph=True, dynamic=False))
         if device.type == "cuda":
@@ -61,7 +70,10 @@ def main() -> None:
     parser.add_argument("--no-compile", action="store_true")
     parser.add_argument("--keep-freed-memory", action="store_true",
                         help="CPU: glibc keeps freed memory, as in `cvt benchmark --keep-freed-memory`")
+    parser.add_argument("--profile", action="store_true", help="CUDA: the top kernels of ours-fast")
     args = parser.parse_args()
+    if args.profile and (args.device == "cpu" or args.no_compile):
+        parser.error("--profile is for a compiled run on CUDA (--device cuda, without --no-compile)")
     if args.keep_freed_memory:
         retain_freed_memory()
     if args.threads:
@@ -88,6 +100,12 @@ def main() -> None:
     print("|---|---:|---:|")
     for name, seconds in medians.items():
         print(f"| {name} | {args.batch_size / seconds:.1f} | {base / seconds:.2f}x |")
+    if args.profile:
+        with torch.inference_mode(), profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(3):
+                variants[OURS_FAST](x)
+            torch.cuda.synchronize(device)
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=80))
 
 
 if __name__ == "__main__":
