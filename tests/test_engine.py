@@ -2,11 +2,13 @@
 fine-tuning from a checkpoint made by `cvt train`."""
 import json
 import math
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from cvt import engine
 from cvt.engine import DEFAULTS, build_model, load_config, read_training_checkpoint, train
 from cvt.cli import main
 from test_data import write_cifar, write_corrupt_imagefolder
@@ -178,6 +180,33 @@ def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, m
     assert state["epoch"] == 1 and all(torch.isfinite(v).all() for v in state["model"].values())
     assert not (tmp_path / "summary.json").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no half-written file
+
+
+def test_the_loop_reads_the_loss_on_the_host_every_few_steps_not_every_step(tmp_path, monkeypatch):
+    # On a GPU each read of a device tensor waits for all queued work. The reads are counted here in the loop of
+    # `train` itself and in what it calls, except the data loader (host tensors) and the evaluation.
+    reads = []
+
+    def counting(name):
+        real = getattr(torch.Tensor, name)
+
+        def read(self, *args, **kwargs):
+            frame = sys._getframe(1)
+            while frame is not None and frame.f_code is not engine.evaluate.__code__ \
+                    and "torch/utils/data" not in frame.f_code.co_filename:
+                if frame.f_code is engine.train.__code__:
+                    reads.append(name)
+                    break
+                frame = frame.f_back
+            return real(self, *args, **kwargs)
+        monkeypatch.setattr(torch.Tensor, name, read)
+
+    for name in ("item", "tolist", "__bool__", "__float__", "__int__", "cpu", "numpy"):
+        counting(name)
+    summary = tiny(tmp_path, "train.epochs=2", "data.val_fraction=0.5", "train.micro_batch_size=16")
+    steps = summary["steps"] // 2  # per epoch, each of 4 accumulated micro-batches
+    # one read per CHECK_EVERY steps and at the end of the epoch; the loss summed for the epoch is read once
+    assert len(reads) <= 2 * (math.ceil(steps / engine.CHECK_EVERY) + 1) < 2 * 4 * steps
 
 
 def test_gradient_accumulation_reaches_the_global_batch(tmp_path):

@@ -108,6 +108,9 @@ DEFAULTS: dict[str, Any] = {
         "progress": True,                     # tqdm bar
     },
 }
+# Optimizer steps between the host's reads of the loss (the progress bar, the divergence check). A read waits for
+# the device to finish all queued work, so it is not done every step.
+CHECK_EVERY = 10
 
 # ---------------------------------------------------------------------------------------------------------------
 # Configuration
@@ -500,6 +503,9 @@ def train(config: dict, output_dir: str | os.PathLike) -> dict[str, Any]:
         train_model.train()
         micro_steps = min(steps_per_epoch, total_steps - step) * accum
         loss_sum = torch.zeros((), device=device)
+        # The step and value of this process's first non-finite loss (step 0: none yet). They stay on the device
+        # and are read every CHECK_EVERY steps.
+        bad_step, bad_loss = torch.zeros((), device=device), torch.zeros((), device=device)
         skipped, images_seen, t_epoch = 0, 0, time.time()
         progress = tqdm(itertools.islice(train_loader, micro_steps), total=micro_steps,
                         desc=f"epoch {epoch + 1}/{epochs}", disable=not (is_main and t_cfg["progress"]),
@@ -516,13 +522,10 @@ def train(config: dict, output_dir: str | os.PathLike) -> dict[str, Any]:
             with nullcontext() if update or world == 1 else train_model.no_sync():
                 with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                     loss = criterion(train_model(images), targets)
-                diverged = all_reduce_sum((~torch.isfinite(loss.detach())).float())
-                if diverged.item():
-                    raise FloatingPointError(
-                        f"the loss is {loss.item()} at epoch {epoch + 1}, step {step + 1}: training diverged and "
-                        f"stopped; {checkpoint_note(last_path)}. Lower train.lr, set train.clip_grad, or use "
-                        "train.amp=bf16 rather than fp16")
                 scaler.scale(loss / accum).backward()
+            first_bad = ~torch.isfinite(loss.detach()) & (bad_step == 0)
+            bad_step = torch.where(first_bad, step + 1, bad_step)
+            bad_loss = torch.where(first_bad, loss.detach().float(), bad_loss)
             loss_sum += loss.detach()
             images_seen += len(images)
             if not update:
@@ -537,8 +540,18 @@ def train(config: dict, output_dir: str | os.PathLike) -> dict[str, Any]:
             scheduler.step_update(step)
             if ema is not None:
                 ema.update(model, step=step)
-            if step % 10 == 0 or i + 1 == micro_steps:
-                progress.set_postfix(loss=f"{loss.item():.3f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}",
+            if step % CHECK_EVERY == 0 or i + 1 == micro_steps:
+                # Every process raises together: the count of processes that saw a non-finite loss is summed.
+                diverged = all_reduce_sum((bad_step > 0).float())
+                loss_now, diverged, first_step, first_loss = torch.stack(
+                    [loss.detach().float(), diverged, bad_step, bad_loss]).tolist()
+                if diverged:
+                    where = (f"is {first_loss} at epoch {epoch + 1}, step {int(first_step)}" if first_step
+                             else f"stopped being finite in another process by epoch {epoch + 1}, step {step}")
+                    raise FloatingPointError(
+                        f"the loss {where}: training diverged and stopped; {checkpoint_note(last_path)}. Lower "
+                        "train.lr, set train.clip_grad, or use train.amp=bf16 rather than fp16")
+                progress.set_postfix(loss=f"{loss_now:.3f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}",
                                      img_s=f"{images_seen * world / (time.time() - t_epoch):.0f}")
         progress.close()
 
