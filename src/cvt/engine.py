@@ -308,7 +308,8 @@ def evaluate(model: nn.Module, loader: DataLoader, device: torch.device,
     """Top-1 and top-5 (%) and mean cross-entropy over the loader, summed over all processes (each holds its own
     shard of the held-out set, so nothing is counted twice)."""
     model.eval()
-    totals = torch.zeros(5, dtype=torch.float64, device=device)  # loss, top-1, top-5, images, skipped
+    # Sums on the device (loss, top-1, top-5) and counts on the host: a host-to-device copy per batch would wait.
+    totals, images_seen, skipped_seen = torch.zeros(3, dtype=torch.float64, device=device), 0, 0
     for images, targets, skipped in loader:
         images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
@@ -316,9 +317,9 @@ def evaluate(model: nn.Module, loader: DataLoader, device: torch.device,
         logits = logits.float()
         top = logits.topk(min(5, logits.shape[1]), dim=1).indices == targets[:, None]
         totals += torch.stack([F.cross_entropy(logits, targets, reduction="sum").double(),
-                               top[:, 0].sum().double(), top.any(dim=1).sum().double(),
-                               torch.tensor(len(targets), dtype=torch.float64, device=device),
-                               torch.tensor(skipped, dtype=torch.float64, device=device)])
+                               top[:, 0].sum().double(), top.any(dim=1).sum().double()])
+        images_seen, skipped_seen = images_seen + len(targets), skipped_seen + skipped
+    totals = torch.cat([totals, totals.new_tensor([images_seen, skipped_seen])])
     loss, top1, top5, n, skipped = all_reduce_sum(totals).tolist()
     if n == 0:
         raise ValueError("the held-out set is empty: nothing to evaluate")
