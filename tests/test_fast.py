@@ -106,9 +106,11 @@ def test_sdpa_path_matches_the_reference_attention_with_gradients():
     torch.testing.assert_close(x.grad, x_ref.grad, atol=1e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("size", [(32, 32), (48, 40)])
-def test_torch_compile_fullgraph_training_matches_eager_and_inference_runs(size):
+@pytest.mark.parametrize("size,taps", [((32, 32), False), ((48, 40), False), ((48, 40), True)])
+def test_torch_compile_fullgraph_training_matches_eager_and_inference_runs(size, taps, monkeypatch):
     torch._dynamo.reset()
+    if taps:  # the GPU's form of the depth-wise projections, compiled here on the CPU
+        monkeypatch.setattr(cvt.model, "depthwise_convs_as_taps", lambda x: torch.compiler.is_compiling())
     model = tiny_model(drop_path_rate=0.0)
     x = torch.randn(2, 3, *size)
     y = torch.randint(0, 10, (2,))

@@ -90,6 +90,14 @@ def depthwise_conv_taps(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def depthwise_convs_as_taps(x: torch.Tensor) -> bool:
+    """Whether `Attention` computes its depth-wise projections of `x` with `depthwise_conv_taps`: when compiled for
+    a GPU. Inductor then fuses the taps with the BatchNorm, the LayerNorm before and the layout change after into one
+    pass over the tokens, where a conv kernel is a pass of its own with copies to and from its layout. On the CPU
+    the conv kernel is faster (BENCHMARKS.md)."""
+    return torch.compiler.is_compiling() and x.is_cuda
+
+
 class Attention(nn.Module):
     """Multi-head attention with convolutional projections of q, k and v.
 
@@ -136,11 +144,7 @@ class Attention(nn.Module):
     def _project(proj: nn.Module | None, x_map: torch.Tensor, x_tokens: torch.Tensor) -> torch.Tensor:
         if proj is None:
             return x_tokens
-        if torch.compiler.is_compiling() and x_map.is_cuda and hasattr(proj, "conv"):
-            # Compiled for a GPU, the depth-wise conv is written out as its taps: inductor fuses them with the
-            # BatchNorm, the LayerNorm before and the layout change after into one pass over the tokens, where
-            # a conv kernel is a pass of its own with copies to and from its layout. On the CPU the conv kernel
-            # is faster (BENCHMARKS.md).
+        if hasattr(proj, "conv") and depthwise_convs_as_taps(x_map):
             x = depthwise_conv_taps(proj.conv, x_map)
             return (proj.bn(x) if hasattr(proj, "bn") else x).flatten(2).transpose(1, 2)
         return proj(x_map).flatten(2).transpose(1, 2)
