@@ -1,7 +1,11 @@
-"""Why `OneDNNLinear`: float32 GFLOP/s of CvT-13's linear layers (batch 16 @ 224) by MKL (`F.linear`) and by
-oneDNN (`OneDNNLinear`, a 1x1 convolution), forward and forward + backward.
+"""Float32 GFLOP/s of CvT-13's products (batch 16 @ 224) on the CPU: why `OneDNNLinear`, and what attention costs.
 
     python benchmarks/gemm.py --threads 2 [--keep-freed-memory]
+
+The linear layers by MKL (`F.linear`) and by oneDNN (`OneDNNLinear`, a 1x1 convolution), forward and forward +
+backward; then the attention of each stage (q @ k.T, softmax, @ v) by `scaled_dot_product_attention` (PyTorch's
+flash kernel) and materialised (the score matrix written out, as the official code does), with the time per batch
+summed over the stage's blocks.
 
 `--keep-freed-memory`: glibc keeps freed blocks (as in `cvt benchmark --keep-freed-memory`), so that an output
 buffer larger than glibc's mmap threshold does not cost page faults at every call.
@@ -12,12 +16,16 @@ import time
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from cvt.benchmark import retain_freed_memory
 from cvt.fast import use_onednn_linears
 
 # (tokens per image, in, out) of CvT-13's products: stage-2 MLP and q/proj, stage-1 MLP, stage-0 MLP.
 SHAPES = [(197, 384, 1536), (197, 1536, 384), (197, 384, 384), (784, 192, 768), (784, 768, 192), (3136, 64, 256)]
+# (stage, blocks, heads, queries, keys) of CvT-13's attention at 224 (head dim 64, keys and values at stride 2).
+# The last block of ours-fast has one query (`logits_only`), so stage 2 counts its 9 other blocks.
+ATTENTION = [(0, 1, 1, 3136, 784), (1, 2, 3, 784, 196), (2, 9, 6, 197, 50)]
 
 
 def median_seconds(fn, repeats: int) -> float:
@@ -61,6 +69,23 @@ def main() -> None:
                         cells.append(flops / median_seconds(lambda layer=layer: layer(x), args.repeats) / 1e9)
         print(f"| {tokens} x {fan_in} -> {fan_out} | " + " | ".join(f"{c:.0f}" for c in cells) + " |")
     print("(GFLOP/s, median of", args.repeats, "calls)")
+
+    print("\n| stage: blocks x heads x queries x keys | SDPA GFLOP/s | materialised GFLOP/s | SDPA ms per batch |")
+    print("|---|---:|---:|---:|")
+    total = 0.0
+    for stage, blocks, heads, queries, keys in ATTENTION:
+        q = torch.randn(args.batch_size, heads, queries, 64)
+        k, v = torch.randn(2, args.batch_size, heads, keys, 64).unbind(0)
+        flops = 4 * args.batch_size * heads * queries * keys * 64
+        with torch.no_grad():
+            sdpa = median_seconds(lambda: F.scaled_dot_product_attention(q, k, v), args.repeats)
+            materialised = median_seconds(lambda: ((q * 64 ** -0.5) @ k.transpose(-1, -2)).softmax(-1) @ v,
+                                          args.repeats)
+        total += blocks * sdpa
+        print(f"| {stage}: {blocks} x {heads} x {queries} x {keys} | {flops / sdpa / 1e9:.0f} | "
+              f"{flops / materialised / 1e9:.0f} | {1e3 * blocks * sdpa:.1f} |")
+    print(f"(median of {args.repeats} calls; SDPA over all blocks: {1e3 * total:.0f} ms per batch of "
+          f"{args.batch_size})")
 
 
 if __name__ == "__main__":
