@@ -4,9 +4,10 @@
     python benchmarks/fast_paths.py --device cuda --dtype bfloat16 --batch-size 256
 
 Rows: the plain model; oneDNN linears (CPU only: on other devices they are plain linears, and on the CPU every
-later row has them too); `optimize_for_inference` (BatchNorm folded) with and without `logits_only`;
-`compile_model` on the unfused and the fused model; the fused model compiled with inductor's layout optimisation
-left on; on CUDA also the fused model compiled with CUDA graphs (`compile_model(..., cuda_graphs=True)`).
+later row has them too); on the CPU, oneDNN attention (`use_onednn_attention`) too; `optimize_for_inference`
+(BatchNorm folded) with and without `logits_only`; `compile_model` on the unfused and the fused model; ours-fast,
+as `cvt benchmark` builds it (the fused `logits_only` model compiled; on the CPU with oneDNN attention, on CUDA with
+CUDA graphs); the fused model compiled with inductor's layout optimisation left on.
 Every variant is first checked against the plain model in float32: to 1e-4 absolute in float32, to 2e-2
 relative (norm of the difference over the norm of the logits) in bfloat16.
 
@@ -23,10 +24,10 @@ from torch.profiler import ProfilerActivity, profile
 
 import cvt
 from cvt.benchmark import _interleaved_medians, retain_freed_memory
-from cvt.fast import compile_model, optimize_for_inference, use_onednn_linears
+from cvt.fast import compile_model, optimize_for_inference, use_onednn_attention, use_onednn_linears
 
 
-OURS_FAST = "compiled: optimize_for_inference(logits_only) (ours-fast)"
+OURS_FAST = "ours-fast"
 
 
 def variants_for(model: cvt.CvT, device: torch.device, compile_them: bool) -> dict[str, torch.nn.Module]:
@@ -35,18 +36,18 @@ def variants_for(model: cvt.CvT, device: torch.device, compile_them: bool) -> di
     variants = {"plain eager": model}
     if device.type == "cpu":
         variants["oneDNN linears"] = use_onednn_linears(copy.deepcopy(model))
+        variants["oneDNN linears and attention"] = use_onednn_attention(copy.deepcopy(variants["oneDNN linears"]))
         fused, logits_only = use_onednn_linears(fused), use_onednn_linears(logits_only)
     variants["optimize_for_inference"] = fused
     variants["optimize_for_inference(logits_only)"] = logits_only
     if compile_them:
         variants["compiled: plain"] = compile_model(variants.get("oneDNN linears", model))
         variants["compiled: optimize_for_inference"] = compile_model(fused)
-        variants[OURS_FAST] = compile_model(logits_only)
+        variants["compiled: optimize_for_inference(logits_only)"] = compile_model(logits_only)
+        variants[OURS_FAST] = (compile_model(use_onednn_attention(copy.deepcopy(logits_only)))
+                               if device.type == "cpu" else compile_model(copy.deepcopy(logits_only), cuda_graphs=True))
         variants["compiled with inductor layout optimisation: optimize_for_inference(logits_only)"] = (
             torch.compile(copy.deepcopy(logits_only), fullgraph=True, dynamic=False))
-        if device.type == "cuda":
-            variants["compiled with CUDA graphs: optimize_for_inference(logits_only)"] = compile_model(
-                copy.deepcopy(logits_only), cuda_graphs=True)
     return variants
 
 

@@ -4,8 +4,9 @@
 
 The linear layers by MKL (`F.linear`) and by oneDNN (`OneDNNLinear`, a 1x1 convolution), forward and forward +
 backward; then the attention of each stage (q @ k.T, softmax, @ v) by `scaled_dot_product_attention` (PyTorch's
-flash kernel) and materialised (the score matrix written out, as the official code does), with the time per batch
-summed over the stage's blocks.
+flash kernel, whose block products are MKL's), materialised (the score matrix written out, as the official code
+does) and by `torch.ops.cvt.onednn_attention` (`use_onednn_attention`: the flash scheme with oneDNN block
+products), with the time per batch summed over the stage's blocks.
 
 `--keep-freed-memory`: glibc keeps freed blocks (as in `cvt benchmark --keep-freed-memory`), so that an output
 buffer larger than glibc's mmap threshold does not cost page faults at every call.
@@ -19,7 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from cvt.benchmark import retain_freed_memory
-from cvt.fast import use_onednn_linears
+from cvt.fast import use_onednn_attention, use_onednn_linears
 
 # (tokens per image, in, out) of CvT-13's products: stage-2 MLP and q/proj, stage-1 MLP, stage-0 MLP.
 SHAPES = [(197, 384, 1536), (197, 1536, 384), (197, 384, 384), (784, 192, 768), (784, 768, 192), (3136, 64, 256)]
@@ -70,9 +71,11 @@ def main() -> None:
         print(f"| {tokens} x {fan_in} -> {fan_out} | " + " | ".join(f"{c:.0f}" for c in cells) + " |")
     print("(GFLOP/s, median of", args.repeats, "calls)")
 
-    print("\n| stage: blocks x heads x queries x keys | SDPA GFLOP/s | materialised GFLOP/s | SDPA ms per batch |")
-    print("|---|---:|---:|---:|")
-    total = 0.0
+    use_onednn_attention(nn.Module())  # builds the kernel
+    print("\n| stage: blocks x heads x queries x keys | SDPA | materialised | oneDNN attention | SDPA ms per batch "
+          "| oneDNN attention ms per batch |")
+    print("|---|---:|---:|---:|---:|---:|")
+    totals = [0.0, 0.0]
     for stage, blocks, heads, queries, keys in ATTENTION:
         q = torch.randn(args.batch_size, heads, queries, 64)
         k, v = torch.randn(2, args.batch_size, heads, keys, 64).unbind(0)
@@ -81,11 +84,13 @@ def main() -> None:
             sdpa = median_seconds(lambda: F.scaled_dot_product_attention(q, k, v), args.repeats)
             materialised = median_seconds(lambda: ((q * 64 ** -0.5) @ k.transpose(-1, -2)).softmax(-1) @ v,
                                           args.repeats)
-        total += blocks * sdpa
+            onednn = median_seconds(lambda: torch.ops.cvt.onednn_attention(q, k, v, 64 ** -0.5), args.repeats)
+        totals = [totals[0] + blocks * sdpa, totals[1] + blocks * onednn]
         print(f"| {stage}: {blocks} x {heads} x {queries} x {keys} | {flops / sdpa / 1e9:.0f} | "
-              f"{flops / materialised / 1e9:.0f} | {1e3 * blocks * sdpa:.1f} |")
-    print(f"(median of {args.repeats} calls; SDPA over all blocks: {1e3 * total:.0f} ms per batch of "
-          f"{args.batch_size})")
+              f"{flops / materialised / 1e9:.0f} | {flops / onednn / 1e9:.0f} | {1e3 * blocks * sdpa:.1f} | "
+              f"{1e3 * blocks * onednn:.1f} |")
+    print(f"(GFLOP/s, median of {args.repeats} calls; over all blocks, per batch of {args.batch_size}: SDPA "
+          f"{1e3 * totals[0]:.0f} ms, oneDNN attention {1e3 * totals[1]:.0f} ms)")
 
 
 if __name__ == "__main__":

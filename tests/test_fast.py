@@ -6,8 +6,10 @@ import torch
 import torch.nn as nn
 
 import cvt
+import cvt.fast
 from cvt.fast import (
-    ClassTokenBlock, OneDNNLinear, compile_model, optimize_for_inference, use_onednn_linears,
+    ClassTokenBlock, OneDNNAttention, OneDNNLinear, compile_model, optimize_for_inference, use_onednn_attention,
+    use_onednn_linears,
 )
 from cvt.model import depthwise_conv_taps
 from helpers import TINY, official_model, randomize_batchnorm
@@ -95,6 +97,61 @@ def test_onednn_linears_match_in_training_with_gradients(size):
         torch.testing.assert_close(b, a, atol=1e-6, rtol=0)
 
 
+@pytest.mark.parametrize("batch,heads,queries,keys,head_dim,magnitude", [
+    (2, 1, 130, 600, 64, 1.0),   # three query blocks, the last partial; two key blocks, the last partial
+    (1, 3, 65, 17, 24, 1.0),     # keys and head dim that are not multiples of the vector width
+    (3, 2, 1, 50, 64, 1.0),      # the class token alone (ClassTokenBlock)
+    (2, 2, 70, 1030, 32, 30.0),  # large scores: the running maximum moves from key block to key block
+])
+def test_onednn_attention_kernel_matches_sdpa(batch, heads, queries, keys, head_dim, magnitude):
+    use_onednn_attention(nn.Module())  # builds the kernel (once per machine)
+    torch.manual_seed(0)
+    # (B, heads, tokens, head_dim) views of (B, tokens, heads * head_dim) sequences, as Attention makes them
+    q, k, v = (torch.randn(batch, n, heads * head_dim).unflatten(-1, (heads, head_dim)).transpose(1, 2)
+               for n in (queries, keys, keys))
+    q = q * magnitude
+    v = v.transpose(2, 3).contiguous().transpose(2, 3)  # rows that are not contiguous are copied first
+    scale = head_dim ** -0.5
+    out = torch.ops.cvt.onednn_attention(q, k, v, scale)
+    expected = nn.functional.scaled_dot_product_attention(q, k, v, scale=scale)
+    torch.testing.assert_close(out, expected, atol=2e-6 * magnitude, rtol=1e-5)
+    assert out.transpose(1, 2).is_contiguous()  # merging the heads afterwards is a view
+    with pytest.raises(RuntimeError, match="float32 only"):
+        torch.ops.cvt.onednn_attention(q.double(), k.double(), v.double(), scale)
+
+
+@pytest.mark.parametrize("size", [(32, 32), (48, 40)])
+def test_onednn_attention_in_the_model_eval_compiled_and_in_training(size):
+    model = tiny_model(drop_path_rate=0.0).eval()
+    fast = use_onednn_attention(copy.deepcopy(model))
+    assert all(type(m) is OneDNNAttention for m in fast.modules() if isinstance(m, cvt.model.Attention))
+    assert list(fast.state_dict()) == list(model.state_dict())
+    x = torch.randn(2, 3, *size)
+    with torch.no_grad():
+        expected = model(x)
+        torch.testing.assert_close(fast(x), expected, atol=1e-5, rtol=0)
+        logits_only = use_onednn_attention(optimize_for_inference(model, logits_only=True))
+        torch.testing.assert_close(logits_only(x), expected, atol=1e-5, rtol=0)
+    # With gradients the kernel (forward only) steps aside for scaled_dot_product_attention.
+    model.train(), fast.train()
+    y = torch.randint(0, 10, (2,))
+    for m in (model, fast):
+        nn.functional.cross_entropy(m(x), y).backward()
+    for (name, p), q in zip(model.named_parameters(), fast.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, atol=1e-6, rtol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def test_onednn_attention_that_cannot_be_built_warns_and_leaves_the_model(monkeypatch):
+    def no_compiler():
+        raise RuntimeError("Error building extension")
+
+    monkeypatch.setattr(cvt.fast, "_load_onednn_attention", no_compiler)
+    model = tiny_model()
+    with pytest.warns(UserWarning, match="could not be built .*Error building extension"):
+        assert use_onednn_attention(model) is model
+    assert not any(isinstance(m, OneDNNAttention) for m in model.modules())
+
+
 def test_sdpa_path_matches_the_reference_attention_with_gradients():
     model = tiny_model(drop_path_rate=0.0).train()
     reference = copy.deepcopy(model)
@@ -127,8 +184,8 @@ def test_torch_compile_fullgraph_training_matches_eager_and_inference_runs(size,
 
     model.eval()
     # cuda_graphs=True is for CUDA; on the CPU inductor runs the same graph without them.
-    compiled_fast = compile_model(use_onednn_linears(optimize_for_inference(model, logits_only=True)),
-                                  cuda_graphs=True)
+    compiled_fast = compile_model(
+        use_onednn_attention(use_onednn_linears(optimize_for_inference(model, logits_only=True))), cuda_graphs=True)
     with torch.no_grad():
         torch.testing.assert_close(compiled_fast(x), model(x), atol=1e-4, rtol=0)
 

@@ -4,7 +4,7 @@ Four implementations of the same function:
 
 - `ours-eager`: the `CvT` model as it comes (eager PyTorch, `scaled_dot_product_attention`);
 - `ours-fast`: our fastest mode: for inference `optimize_for_inference(logits_only=True)` (BatchNorm folded,
-  the last block computes the class token alone), oneDNN linears on the CPU and `compile_model`
+  the last block computes the class token alone), oneDNN linears and attention on the CPU and `compile_model`
   (`torch.compile(fullgraph=True)`, with CUDA graphs on CUDA); for training the unfused model with oneDNN
   linears, `compile_model` and fused AdamW;
 - `hf`: transformers' `CvtForImageClassification` holding the same weights (`cvt.weights.to_hf`);
@@ -39,7 +39,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .fast import compile_model, optimize_for_inference, use_onednn_linears
+from .fast import compile_model, optimize_for_inference, use_onednn_attention, use_onednn_linears
 from .files import write_atomic
 from .flops import count_macs
 from .model import CvT, Stage, create_model
@@ -130,6 +130,8 @@ def _inference_callables(model: CvT, modes: tuple[str, ...], dtype: torch.dtype,
             fast = optimize_for_inference(model, logits_only=model.global_pool == "token")
             fast = use_onednn_linears(fast).to(dtype)
             on_cuda = next(model.parameters()).is_cuda
+            if not on_cuda:
+                fast = use_onednn_attention(fast)
             fns[mode] = compile_model(fast, cuda_graphs=on_cuda) if compile_fast else fast
         elif mode == HF:
             from .weights import to_hf

@@ -9,17 +9,21 @@ BatchNorm projection becomes one conv with the BatchNorm folded into it, and wit
 computes the class token alone. (A k/v conv with channel multiplier 2 and channels-last convs were measured
 too; they were slower in every setting, on the CPU and on the GPU, and were removed: BENCHMARKS.md.)
 
-Two more steps, for training too: `use_onednn_linears` (float32 CPU products by oneDNN instead of MKL) and
-`compile_model` (`torch.compile(fullgraph=True)`; compiled for a GPU, the depth-wise convs become fused tap
-sums, see `Attention._project`). Our fastest classifiers:
+Three more steps: `use_onednn_linears` (float32 CPU products by oneDNN instead of MKL; training too),
+`use_onednn_attention` (float32 CPU inference attention by a C++ kernel built on first use, whose block products
+are oneDNN's) and `compile_model` (`torch.compile(fullgraph=True)`; compiled for a GPU, the depth-wise convs
+become fused tap sums, see `cvt.model.depthwise_convs_as_taps`). Our fastest classifiers:
 
-- CPU: `compile_model(use_onednn_linears(optimize_for_inference(m, logits_only=True)))`;
+- CPU: `compile_model(use_onednn_attention(use_onednn_linears(optimize_for_inference(m, logits_only=True))))`;
 - GPU: `compile_model(optimize_for_inference(m, logits_only=True).to(torch.bfloat16), cuda_graphs=True)`.
 """
 from __future__ import annotations
 
 import copy
+import functools
+import warnings
 from collections import OrderedDict
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -28,7 +32,8 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from .model import Attention, CvT
 
-__all__ = ["optimize_for_inference", "use_onednn_linears", "compile_model", "ClassTokenBlock", "OneDNNLinear"]
+__all__ = ["optimize_for_inference", "use_onednn_linears", "use_onednn_attention", "compile_model",
+           "ClassTokenBlock", "OneDNNLinear", "OneDNNAttention"]
 
 
 class OneDNNLinear(nn.Linear):
@@ -59,6 +64,70 @@ def use_onednn_linears(model: nn.Module) -> nn.Module:
     return model
 
 
+# Compiler flags per PyTorch CPU capability: the kernel's softmax uses ATen's vector types at that width.
+_VECTOR_FLAGS = {
+    "AVX512": ["-mavx512f", "-mavx512dq", "-mavx512vl", "-mavx512bw", "-mfma", "-DCPU_CAPABILITY_AVX512"],
+    "AVX2": ["-mavx2", "-mfma", "-DCPU_CAPABILITY_AVX2"],
+}
+
+
+@functools.cache
+def _load_onednn_attention() -> None:
+    """Build csrc/onednn_attention.cpp for this CPU and register `torch.ops.cvt.onednn_attention`.
+
+    torch.utils.cpp_extension keeps the build (about 20 s) in ~/.cache/torch_extensions (TORCH_EXTENSIONS_DIR) and
+    rebuilds only when the source changes. Raises RuntimeError or OSError where it cannot be built (no C++
+    compiler, no ninja).
+    """
+    from torch.utils.cpp_extension import load
+
+    capability = torch.backends.cpu.get_cpu_capability()
+    width = "AVX512" if capability.startswith("AVX512") else capability if capability in _VECTOR_FLAGS else "DEFAULT"
+    load(name=f"cvt_onednn_attention_{width.lower()}", sources=[str(Path(__file__).with_name("csrc") /
+                                                                   "onednn_attention.cpp")],
+         extra_cflags=["-O3", "-fopenmp", f"-DCPU_CAPABILITY={width}", *_VECTOR_FLAGS.get(width, [])],
+         extra_ldflags=["-fopenmp"], is_python_module=False)
+
+    @torch.library.register_fake("cvt::onednn_attention")
+    def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+        return q.new_empty(q.shape[0], q.shape[2], q.shape[1], q.shape[3]).transpose(1, 2)
+
+
+class OneDNNAttention(Attention):
+    """`Attention` whose float32 CPU inference runs `torch.ops.cvt.onednn_attention` (csrc/onednn_attention.cpp).
+
+    The kernel is PyTorch's CPU flash attention (blocks of queries against blocks of keys with a running softmax,
+    no score matrix written out) with oneDNN brgemm block products instead of MKL's sgemm: on the AMD CPU of
+    BENCHMARKS.md about twice as fast. It has no backward, so whenever gradients are needed, and on other devices
+    or dtypes, `Attention.attend` runs instead. Parameters and names are Attention's.
+    """
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+        if (q.device.type != "cpu" or q.dtype != torch.float32 or needs_grad
+                or (self.training and self.attn_drop_rate > 0)):
+            return super().attend(q, k, v)
+        return torch.ops.cvt.onednn_attention(q, k, v, self.scale)
+
+
+def use_onednn_attention(model: nn.Module) -> nn.Module:
+    """Make every `Attention` in `model` a `OneDNNAttention`, in place (same parameters); returns it.
+
+    Builds the kernel on first use (once per machine). Where it cannot be built, warns and leaves the model as it
+    is: attention then stays `scaled_dot_product_attention`.
+    """
+    try:
+        _load_onednn_attention()
+    except (RuntimeError, OSError, ImportError) as error:
+        warnings.warn(f"cvt: the oneDNN attention kernel could not be built ({error}); attention stays "
+                      "scaled_dot_product_attention. It needs a C++ compiler and ninja.", stacklevel=2)
+        return model
+    for module in model.modules():
+        if type(module) is Attention:
+            module.__class__ = OneDNNAttention
+    return model
+
+
 def _fold_batchnorm(proj: nn.Sequential) -> nn.Sequential:
     """conv + BatchNorm (eval) as one conv with a bias, under the same name `conv`."""
     return nn.Sequential(OrderedDict([("conv", fuse_conv_bn_eval(proj.conv, proj.bn))]))
@@ -77,7 +146,7 @@ class ClassTokenBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, h: int, w: int) -> torch.Tensor:
         q, k, v = self.attn.qkv(self.norm1(x), h, w)
-        attended = F.scaled_dot_product_attention(q[:, :, :1], k, v, scale=self.attn.scale)
+        attended = self.attn.attend(q[:, :, :1], k, v)
         cls_token = x[:, :1] + self.attn.proj(attended.transpose(1, 2).flatten(2))
         cls_token = cls_token + self.mlp(self.norm2(cls_token))
         return torch.cat((cls_token, x[:, 1:]), dim=1)

@@ -168,15 +168,16 @@ class Attention(nn.Module):
         """Softmax attention weights (B, heads, queries, keys) by the reference computation."""
         return ((q @ k.transpose(-2, -1)) * self.scale).softmax(dim=-1)
 
-    def forward(self, x: torch.Tensor, h: int, w: int) -> torch.Tensor:
-        q, k, v = self.qkv(x, h, w)
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """softmax(q k^T * scale) v with attention dropout, (B, heads, queries, head_dim)."""
         if self.fused_attn:
-            x = F.scaled_dot_product_attention(
+            return F.scaled_dot_product_attention(
                 q, k, v, dropout_p=self.attn_drop_rate if self.training else 0.0, scale=self.scale
             )
-        else:
-            x = self.attn_drop(self.attention_probs(q, k)) @ v
-        x = x.transpose(1, 2).flatten(2)
+        return self.attn_drop(self.attention_probs(q, k)) @ v
+
+    def forward(self, x: torch.Tensor, h: int, w: int) -> torch.Tensor:
+        x = self.attend(*self.qkv(x, h, w)).transpose(1, 2).flatten(2)
         return self.proj_drop(self.proj(x))
 
 
