@@ -75,18 +75,18 @@ _VECTOR_FLAGS = {
 def _load_onednn_attention() -> None:
     """Build csrc/onednn_attention.cpp for this CPU and register `torch.ops.cvt.onednn_attention`.
 
-    torch.utils.cpp_extension keeps the build (about 20 s) in ~/.cache/torch_extensions (TORCH_EXTENSIONS_DIR) and
+    torch.utils.cpp_extension keeps the build (10-20 s) in ~/.cache/torch_extensions (TORCH_EXTENSIONS_DIR) and
     rebuilds only when the source changes. Raises RuntimeError or OSError where it cannot be built (no C++
-    compiler, no ninja).
+    compiler, no ninja). `-fopenmp`: ATen's parallel_for runs on one thread in code compiled without it.
     """
     from torch.utils.cpp_extension import load
 
     capability = torch.backends.cpu.get_cpu_capability()
     width = "AVX512" if capability.startswith("AVX512") else capability if capability in _VECTOR_FLAGS else "DEFAULT"
-    load(name=f"cvt_onednn_attention_{width.lower()}", sources=[str(Path(__file__).with_name("csrc") /
-                                                                   "onednn_attention.cpp")],
+    source = Path(__file__).with_name("csrc") / "onednn_attention.cpp"
+    load(name=f"cvt_onednn_attention_{width.lower()}", sources=[str(source)], extra_ldflags=["-fopenmp"],
          extra_cflags=["-O3", "-fopenmp", f"-DCPU_CAPABILITY={width}", *_VECTOR_FLAGS.get(width, [])],
-         extra_ldflags=["-fopenmp"], is_python_module=False)
+         is_python_module=False)
 
     @torch.library.register_fake("cvt::onednn_attention")
     def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
@@ -114,13 +114,13 @@ def use_onednn_attention(model: nn.Module) -> nn.Module:
     """Make every `Attention` in `model` a `OneDNNAttention`, in place (same parameters); returns it.
 
     Builds the kernel on first use (once per machine). Where it cannot be built, warns and leaves the model as it
-    is: attention then stays `scaled_dot_product_attention`.
+    is.
     """
     try:
         _load_onednn_attention()
     except (RuntimeError, OSError, ImportError) as error:
-        warnings.warn(f"cvt: the oneDNN attention kernel could not be built ({error}); attention stays "
-                      "scaled_dot_product_attention. It needs a C++ compiler and ninja.", stacklevel=2)
+        warnings.warn(f"cvt: the oneDNN attention kernel could not be built ({error}); the model keeps its "
+                      "attention. The kernel needs a C++ compiler and ninja.", stacklevel=2)
         return model
     for module in model.modules():
         if type(module) is Attention:
