@@ -6,7 +6,7 @@ The linear layers by MKL (`F.linear`) and by oneDNN (`OneDNNLinear`, a 1x1 convo
 backward; then the attention of each stage (q @ k.T, softmax, @ v) by `scaled_dot_product_attention` (PyTorch's
 flash kernel, whose block products are MKL's), materialised (the score matrix written out, as the official code
 does) and by `torch.ops.cvt.onednn_attention` (`use_onednn_attention`: the flash scheme with oneDNN block
-products), with the time per batch summed over the stage's blocks.
+products), forward and forward + backward, with the time per batch summed over the stage's blocks.
 
 `--keep-freed-memory`: glibc keeps freed blocks (as in `cvt benchmark --keep-freed-memory`), so that an output
 buffer larger than glibc's mmap threshold does not cost page faults at every call.
@@ -73,25 +73,29 @@ def main() -> None:
 
     use_onednn_attention(nn.Module())  # builds the kernel
     print("\n| stage: blocks x heads x queries x keys | SDPA | materialised | oneDNN attention | SDPA ms per batch "
-          "| oneDNN attention ms per batch |")
-    print("|---|---:|---:|---:|---:|---:|")
-    totals = [0.0, 0.0]
+          "| oneDNN attention ms per batch | SDPA fwd+bwd ms | oneDNN attention fwd+bwd ms |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    totals = torch.zeros(4)
     for stage, blocks, heads, queries, keys in ATTENTION:
-        q = torch.randn(args.batch_size, heads, queries, 64)
-        k, v = torch.randn(2, args.batch_size, heads, keys, 64).unbind(0)
+        q = torch.randn(args.batch_size, heads, queries, 64, requires_grad=True)
+        k, v = (t.requires_grad_() for t in torch.randn(2, args.batch_size, heads, keys, 64).unbind(0))
+        grad = torch.randn_like(q)
         flops = 4 * args.batch_size * heads * queries * keys * 64
+        sdpa = lambda: F.scaled_dot_product_attention(q, k, v, scale=64 ** -0.5)
+        onednn = lambda: torch.ops.cvt.onednn_attention(q, k, v, 64 ** -0.5)[0]
         with torch.no_grad():
-            sdpa = median_seconds(lambda: F.scaled_dot_product_attention(q, k, v), args.repeats)
-            materialised = median_seconds(lambda: ((q * 64 ** -0.5) @ k.transpose(-1, -2)).softmax(-1) @ v,
-                                          args.repeats)
-            onednn = median_seconds(lambda: torch.ops.cvt.onednn_attention(q, k, v, 64 ** -0.5), args.repeats)
-        totals = [totals[0] + blocks * sdpa, totals[1] + blocks * onednn]
-        print(f"| {stage}: {blocks} x {heads} x {queries} x {keys} | {flops / sdpa / 1e9:.0f} | "
-              f"{flops / materialised / 1e9:.0f} | {flops / onednn / 1e9:.0f} | {1e3 * blocks * sdpa:.1f} | "
-              f"{1e3 * blocks * onednn:.1f} |")
-    print(f"(GFLOP/s, median of {args.repeats} calls; over all blocks, per batch of {args.batch_size}: SDPA "
-          f"{1e3 * totals[0]:.0f} ms, oneDNN attention {1e3 * totals[1]:.0f} ms)")
-
+            times = [median_seconds(sdpa, args.repeats),
+                     median_seconds(lambda: ((q * 64 ** -0.5) @ k.transpose(-1, -2)).softmax(-1) @ v, args.repeats),
+                     median_seconds(onednn, args.repeats)]
+        times += [median_seconds(lambda f=f: f().backward(grad), args.repeats) for f in (sdpa, onednn)]
+        per_batch = blocks * torch.tensor([times[0], times[2], times[3], times[4]])
+        totals += per_batch
+        print(f"| {stage}: {blocks} x {heads} x {queries} x {keys} | "
+              + " | ".join(f"{flops / t / 1e9:.0f}" for t in times[:3]) + " | "
+              + " | ".join(f"{1e3 * t:.1f}" for t in per_batch.tolist()) + " |")
+    print(f"(GFLOP/s, then ms over all the stage's blocks per batch of {args.batch_size}; median of {args.repeats} "
+          f"calls. All blocks: SDPA {1e3 * totals[0]:.0f} ms, oneDNN attention {1e3 * totals[1]:.0f} ms; with the "
+          f"backward pass {1e3 * totals[2]:.0f} and {1e3 * totals[3]:.0f} ms)")
 
 if __name__ == "__main__":
     main()

@@ -6,7 +6,7 @@ Four implementations of the same function:
 - `ours-fast`: our fastest mode: for inference `optimize_for_inference(logits_only=True)` (BatchNorm folded,
   the last block computes the class token alone), oneDNN linears and attention on the CPU and `compile_model`
   (`torch.compile(fullgraph=True)`, with CUDA graphs on CUDA); for training the unfused model with oneDNN
-  linears, `compile_model` and fused AdamW;
+  linears and attention on the CPU, `compile_model` and fused AdamW;
 - `hf`: transformers' `CvtForImageClassification` holding the same weights (`cvt.weights.to_hf`);
 - `official-style`: `OfficialStyleCvT`, the official code's computation (einsum attention over a
   materialised score matrix, separate q/k/v convolutions and norms, einops-style reshapes) on the same weights.
@@ -173,6 +173,8 @@ def _training_callables(model: CvT, modes: tuple[str, ...], dtype: torch.dtype, 
             steps[mode] = _training_step(ours, ours, False, False, autocast_dtype, device)
         elif mode == FAST:
             ours = use_onednn_linears(copy.deepcopy(model))
+            if device.type == "cpu":
+                ours = use_onednn_attention(ours)
             steps[mode] = _training_step(ours, ours, True, compile_fast, autocast_dtype, device)
         elif mode == HF:
             from .weights import to_hf

@@ -36,7 +36,7 @@ from torch.utils.data import DataLoader, Subset
 from torch.utils.data.distributed import DistributedSampler
 
 from .data import build_datasets, build_eval_dataset, collate_skipping, eval_crop
-from .fast import compile_model, use_onednn_linears
+from .fast import compile_model, use_onednn_attention, use_onednn_linears
 from .files import copy_atomic, save_atomic, write_atomic, yaml_load
 from .flops import count_params
 from .model import ZOO, create_model, unknown_model_error
@@ -430,7 +430,8 @@ def train(config: dict, output_dir: str | os.PathLike) -> dict[str, Any]:
             f"(the checkpoint's had {provenance['pretrained_classes']})")
     model.to(device)
     if device.type == "cpu":
-        use_onednn_linears(model)  # same parameters; float32 products by oneDNN rather than MKL (BENCHMARKS.md)
+        # Same parameters; float32 products and attention by oneDNN rather than MKL (BENCHMARKS.md).
+        use_onednn_attention(use_onednn_linears(model))
     if m_cfg["sync_bn"] and world > 1:
         if device.type != "cuda":
             raise ValueError("model.sync_bn needs GPUs (PyTorch's SyncBatchNorm runs on CUDA only): "

@@ -1,4 +1,4 @@
-"""Fast paths: `optimize_for_inference`, `use_onednn_linears` and `compile_model`.
+"""Fast paths: `optimize_for_inference`, `use_onednn_linears`, `use_onednn_attention` and `compile_model`.
 
 Fusing is a step after loading: weights load into the plain `CvT` (official names), then
 
@@ -9,9 +9,9 @@ BatchNorm projection becomes one conv with the BatchNorm folded into it, and wit
 computes the class token alone. (A k/v conv with channel multiplier 2 and channels-last convs were measured
 too; they were slower in every setting, on the CPU and on the GPU, and were removed: BENCHMARKS.md.)
 
-Three more steps: `use_onednn_linears` (float32 CPU products by oneDNN instead of MKL; training too),
-`use_onednn_attention` (float32 CPU inference attention by a C++ kernel built on first use, whose block products
-are oneDNN's) and `compile_model` (`torch.compile(fullgraph=True)`; compiled for a GPU, the depth-wise convs
+Three more steps, for training too: `use_onednn_linears` (float32 CPU products by oneDNN instead of MKL),
+`use_onednn_attention` (float32 CPU attention by a C++ kernel built on first use, whose block products are
+oneDNN's) and `compile_model` (`torch.compile(fullgraph=True)`; compiled for a GPU, the depth-wise convs
 become fused tap sums, see `cvt.model.depthwise_convs_as_taps`). Our fastest classifiers:
 
 - CPU: `compile_model(use_onednn_attention(use_onednn_linears(optimize_for_inference(m, logits_only=True))))`;
@@ -88,26 +88,40 @@ def _load_onednn_attention() -> None:
          extra_cflags=["-O3", "-fopenmp", f"-DCPU_CAPABILITY={width}", *_VECTOR_FLAGS.get(width, [])],
          is_python_module=False)
 
+    def heads_last(like: torch.Tensor) -> torch.Tensor:  # the kernel's output layout: (B, tokens, H, D) storage
+        return like.new_empty(like.shape[0], like.shape[2], like.shape[1], like.shape[3]).transpose(1, 2)
+
     @torch.library.register_fake("cvt::onednn_attention")
-    def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
-        return q.new_empty(q.shape[0], q.shape[2], q.shape[1], q.shape[3]).transpose(1, 2)
+    def _(q, k, v, scale):
+        return heads_last(q), q.new_empty(q.shape[:3])
+
+    @torch.library.register_fake("cvt::onednn_attention_backward")
+    def _(grad_out, q, k, v, out, logsumexp, scale):
+        return heads_last(q), heads_last(k), heads_last(k)
+
+    def setup_context(ctx, inputs, output):
+        q, k, v, ctx.scale = inputs
+        ctx.save_for_backward(q, k, v, *output)
+
+    def backward(ctx, grad_out, grad_logsumexp):
+        return (*torch.ops.cvt.onednn_attention_backward(grad_out, *ctx.saved_tensors, ctx.scale), None)
+
+    torch.library.register_autograd("cvt::onednn_attention", backward, setup_context=setup_context)
 
 
 class OneDNNAttention(Attention):
-    """`Attention` whose float32 CPU inference runs `torch.ops.cvt.onednn_attention` (csrc/onednn_attention.cpp).
+    """`Attention` whose float32 CPU attention runs `torch.ops.cvt.onednn_attention` (csrc/onednn_attention.cpp).
 
-    The kernel is PyTorch's CPU flash attention (blocks of queries against blocks of keys with a running softmax,
-    no score matrix written out) with oneDNN brgemm block products instead of MKL's sgemm: on the AMD CPU of
-    BENCHMARKS.md about twice as fast. It has no backward, so whenever gradients are needed, and on other devices
-    or dtypes, `Attention.attend` runs instead. Parameters and names are Attention's.
+    The kernels are PyTorch's CPU flash attention, forward and backward (blocks of queries against blocks of keys,
+    no score matrix written out), with oneDNN brgemm block products instead of MKL's sgemm: on the AMD CPU of
+    BENCHMARKS.md about twice as fast. On other devices or dtypes, and with attention dropout in training,
+    `Attention.attend` runs instead. Parameters and names are Attention's.
     """
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
-        if (q.device.type != "cpu" or q.dtype != torch.float32 or needs_grad
-                or (self.training and self.attn_drop_rate > 0)):
+        if q.device.type != "cpu" or q.dtype != torch.float32 or (self.training and self.attn_drop_rate > 0):
             return super().attend(q, k, v)
-        return torch.ops.cvt.onednn_attention(q, k, v, self.scale)
+        return torch.ops.cvt.onednn_attention(q, k, v, self.scale)[0]
 
 
 def use_onednn_attention(model: nn.Module) -> nn.Module:
