@@ -183,6 +183,15 @@ def pick_device(name: str, local_rank: int = 0) -> torch.device:
     return device
 
 
+def move_to(model: nn.Module, device: torch.device) -> nn.Module:
+    """`model` on `device`, in place; on the CPU with float32 products and attention by oneDNN rather than MKL
+    (`cvt.fast.use_onednn_linears` and `use_onednn_attention`: same parameters, same function; BENCHMARKS.md)."""
+    model.to(device)
+    if device.type == "cpu":
+        use_onednn_attention(use_onednn_linears(model))
+    return model
+
+
 def setup_distributed(device_name: str) -> tuple[int, int, torch.device, bool]:
     """(rank, world size, device, whether we started the process group). torchrun sets WORLD_SIZE and friends:
     NCCL on GPUs, gloo on the CPU."""
@@ -357,8 +366,7 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, model_name: str | None = 
         raise ValueError(f"{data_cfg['dataset']} has {len(class_names)} classes but the model predicts "
                          f"{model.num_classes}: evaluate it on the data it was trained or fine-tuned for")
     device_ = pick_device(device)
-    model.to(device_)
-    result = evaluate(model, eval_loader(dataset, batch_size, data_cfg["workers"]), device_)
+    result = evaluate(move_to(model, device_), eval_loader(dataset, batch_size, data_cfg["workers"]), device_)
     return dict(result, dataset=data_cfg["dataset"], img_size=data_cfg["img_size"], checkpoint=str(checkpoint))
 
 
@@ -428,10 +436,7 @@ def train(config: dict, output_dir: str | os.PathLike) -> dict[str, Any]:
     if provenance.get("head_replaced"):
         log(f"fine-tuning from {provenance['pretrained']}: new {len(class_names)}-class head "
             f"(the checkpoint's had {provenance['pretrained_classes']})")
-    model.to(device)
-    if device.type == "cpu":
-        # Same parameters; float32 products and attention by oneDNN rather than MKL (BENCHMARKS.md).
-        use_onednn_attention(use_onednn_linears(model))
+    move_to(model, device)
     if m_cfg["sync_bn"] and world > 1:
         if device.type != "cuda":
             raise ValueError("model.sync_bn needs GPUs (PyTorch's SyncBatchNorm runs on CUDA only): "

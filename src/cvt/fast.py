@@ -75,7 +75,7 @@ _VECTOR_FLAGS = {
 def _load_onednn_attention() -> None:
     """Build csrc/onednn_attention.cpp for this CPU and register `torch.ops.cvt.onednn_attention`.
 
-    torch.utils.cpp_extension keeps the build (10-20 s) in ~/.cache/torch_extensions (TORCH_EXTENSIONS_DIR) and
+    torch.utils.cpp_extension keeps the build in ~/.cache/torch_extensions (TORCH_EXTENSIONS_DIR) and
     rebuilds only when the source changes. Raises RuntimeError or OSError where it cannot be built (no C++
     compiler, no ninja). `-fopenmp`: ATen's parallel_for runs on one thread in code compiled without it.
     """

@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from .data import eval_transform
-from .engine import pick_device
+from .engine import move_to, pick_device
 from .weights import label_names, model_from_checkpoint
 
 
@@ -23,7 +23,7 @@ def predict(images: list[str | os.PathLike], checkpoint: str | os.PathLike, mode
     """For each image: its path and the `topk` (label, class index, probability) predictions, best first."""
     model = model_from_checkpoint(checkpoint, model_name)
     device_ = pick_device(device)
-    model.to(device_).eval()
+    move_to(model, device_).eval()
     names = label_names(model) or [f"class {i}" for i in range(model.num_classes)]
     transform = eval_transform({"img_size": model.pretrained_cfg["input_size"][-1]}, model.pretrained_cfg)
     mode = "RGB" if model.in_chans == 3 else "L"
