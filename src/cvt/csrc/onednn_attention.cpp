@@ -142,8 +142,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> onednn_attention_backward(
                    out = unit_stride_rows(out_in), lse = logsumexp.contiguous();
   const int64_t B = q.size(0), H = q.size(1), N = q.size(2), D = q.size(3), M = k.size(2);
   at::Tensor grad_q = heads_last(q), grad_k = heads_last(k), grad_v = heads_last(k);
-  if (grad_q.numel() == 0) {
-    grad_k.zero_(), grad_v.zero_();
+  if (grad_q.numel() == 0) {  // no queries: nothing reaches the keys and values
+    grad_k.zero_();
+    grad_v.zero_();
     return {grad_q, grad_k, grad_v};
   }
   const at::Tensor kt = transposed_rows(k), vt = transposed_rows(v_in);
