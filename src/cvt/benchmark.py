@@ -39,7 +39,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .fast import compile_model, optimize_for_inference, use_onednn_attention, use_onednn_linears
+from .fast import compile_model, move_to, optimize_for_inference
 from .files import write_atomic
 from .flops import count_macs
 from .model import CvT, Stage, create_model
@@ -127,12 +127,10 @@ def _inference_callables(model: CvT, modes: tuple[str, ...], dtype: torch.dtype,
         if mode == EAGER:
             fns[mode] = copy.deepcopy(model).eval().to(dtype)
         elif mode == FAST:
-            fast = optimize_for_inference(model, logits_only=model.global_pool == "token")
-            fast = use_onednn_linears(fast).to(dtype)
-            on_cuda = next(model.parameters()).is_cuda
-            if not on_cuda:
-                fast = use_onednn_attention(fast)
-            fns[mode] = compile_model(fast, cuda_graphs=on_cuda) if compile_fast else fast
+            device = next(model.parameters()).device
+            fast = move_to(optimize_for_inference(model, logits_only=model.global_pool == "token"), device)
+            fast = fast.to(dtype)
+            fns[mode] = compile_model(fast, cuda_graphs=device.type == "cuda") if compile_fast else fast
         elif mode == HF:
             from .weights import to_hf
 
@@ -172,9 +170,7 @@ def _training_callables(model: CvT, modes: tuple[str, ...], dtype: torch.dtype, 
             ours = copy.deepcopy(model)
             steps[mode] = _training_step(ours, ours, False, False, autocast_dtype, device)
         elif mode == FAST:
-            ours = use_onednn_linears(copy.deepcopy(model))
-            if device.type == "cpu":
-                ours = use_onednn_attention(ours)
+            ours = move_to(copy.deepcopy(model), device)
             steps[mode] = _training_step(ours, ours, True, compile_fast, autocast_dtype, device)
         elif mode == HF:
             from .weights import to_hf

@@ -36,7 +36,7 @@ from torch.utils.data import DataLoader, Subset
 from torch.utils.data.distributed import DistributedSampler
 
 from .data import build_datasets, build_eval_dataset, collate_skipping, eval_crop
-from .fast import compile_model, use_onednn_attention, use_onednn_linears
+from .fast import compile_model, move_to
 from .files import copy_atomic, save_atomic, write_atomic, yaml_load
 from .flops import count_params
 from .model import ZOO, create_model, unknown_model_error
@@ -181,15 +181,6 @@ def pick_device(name: str, local_rank: int = 0) -> torch.device:
         device = torch.device("cuda", device.index if device.index is not None else local_rank)
         torch.cuda.set_device(device)
     return device
-
-
-def move_to(model: nn.Module, device: torch.device) -> nn.Module:
-    """`model` on `device`, in place; on the CPU with float32 products and attention by oneDNN rather than MKL
-    (`cvt.fast.use_onednn_linears` and `use_onednn_attention`: same parameters, same function; BENCHMARKS.md)."""
-    model.to(device)
-    if device.type == "cpu":
-        use_onednn_attention(use_onednn_linears(model))
-    return model
 
 
 def setup_distributed(device_name: str) -> tuple[int, int, torch.device, bool]:

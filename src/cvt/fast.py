@@ -32,7 +32,7 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from .model import Attention, CvT
 
-__all__ = ["optimize_for_inference", "use_onednn_linears", "use_onednn_attention", "compile_model",
+__all__ = ["optimize_for_inference", "use_onednn_linears", "use_onednn_attention", "move_to", "compile_model",
            "ClassTokenBlock", "OneDNNLinear", "OneDNNAttention"]
 
 
@@ -139,6 +139,15 @@ def use_onednn_attention(model: nn.Module) -> nn.Module:
     for module in model.modules():
         if type(module) is Attention:
             module.__class__ = OneDNNAttention
+    return model
+
+
+def move_to(model: nn.Module, device: torch.device) -> nn.Module:
+    """`model` on `device`, in place; on the CPU with float32 products and attention by oneDNN rather than MKL
+    (`use_onednn_linears`, `use_onednn_attention`: same parameters, same function; BENCHMARKS.md). Returns it."""
+    model.to(device)
+    if device.type == "cpu":
+        use_onednn_attention(use_onednn_linears(model))
     return model
 
 

@@ -13,7 +13,8 @@ import torch
 from PIL import Image
 
 from .data import eval_transform
-from .engine import move_to, pick_device
+from .engine import pick_device
+from .fast import move_to
 from .weights import label_names, model_from_checkpoint
 
 
