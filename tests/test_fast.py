@@ -1,5 +1,8 @@
 """Every fast path computes the same function as the plain model: eval and train, several resolutions, gradients."""
 import copy
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -97,6 +100,23 @@ def test_onednn_linears_match_in_training_with_gradients(size):
         torch.testing.assert_close(b, a, atol=1e-6, rtol=0)
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_onednn_linear_runs_onednn_on_one_thread_and_small_batches(threads):
+    layer = use_onednn_linears(nn.Sequential(nn.Linear(24, 40)))
+    x = torch.randn(2, 7, 24, requires_grad=True)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with torch.profiler.profile() as profiler:
+            y = layer(x)
+            y.sum().backward()
+    finally:
+        torch.set_num_threads(previous)
+    torch.testing.assert_close(y, nn.functional.linear(x, layer[0].weight, layer[0].bias), atol=1e-5, rtol=1e-5)
+    names = {event.key for event in profiler.key_averages()}
+    assert "aten::mkldnn_convolution" in names and not any("slow_conv" in name for name in names), names
+
+
 @pytest.mark.parametrize("batch,heads,queries,keys,head_dim,magnitude", [
     (2, 1, 130, 600, 64, 1.0),   # three query blocks, the last partial; two key blocks, the last partial
     (1, 3, 65, 17, 24, 1.0),     # keys and head dim that are not multiples of the vector width
@@ -130,6 +150,17 @@ def test_onednn_attention_kernel_is_as_accurate_as_pytorchs(batch, heads, querie
         assert error <= 2 * pytorch_error + 1e-6, f"{name}: {error:.2e} off, PyTorch's kernel {pytorch_error:.2e}"
     with pytest.raises(RuntimeError, match="float32 only"):
         torch.ops.cvt.onednn_attention(q.double(), k.double(), v.double(), scale)
+
+
+@pytest.mark.parametrize("capability", ["avx2", "default"])
+def test_onednn_attention_builds_for_cpus_without_avx512(capability):
+    """The AVX2 and plain C++ builds (chosen like PyTorch's own kernels, lowered by ATEN_CPU_CAPABILITY) pass the
+    accuracy test above too; in a subprocess, as one process loads one build."""
+    script = (f"import sys, pytest, cvt.fast; assert cvt.fast._kernel_vector_width() == {capability.upper()!r}; "
+              f"sys.exit(pytest.main(['-q', '-p', 'no:cacheprovider', {__file__!r}, '-k', 'kernel_is_as_accurate']))")
+    done = subprocess.run([sys.executable, "-c", script], env=dict(os.environ, ATEN_CPU_CAPABILITY=capability),
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]  # 5 would be: no test collected
 
 
 @pytest.mark.parametrize("size", [(32, 32), (48, 40)])

@@ -43,12 +43,16 @@ class OneDNNLinear(nn.Linear):
     measured in BENCHMARKS.md; a 1x1 convolution over a (B, C, tokens, 1) channels-last view of the
     (B, tokens, C) sequence is the same product done by oneDNN, forward and backward, with no copies.
     Other devices, and inputs that are not (B, tokens, C), use `F.linear`. Parameters and names are nn.Linear's.
+
+    The dilation changes nothing for a 1x1 kernel; it is there because PyTorch sends an undilated, unstrided 1x1
+    convolution on a single thread with fewer than 16 images to its own im2col + MKL path instead of oneDNN
+    (about half the speed, BENCHMARKS.md), and a dilated one always to oneDNN.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.device.type != "cpu" or x.dim() != 3:
             return F.linear(x, self.weight, self.bias)
-        y = F.conv2d(x.unsqueeze(2).permute(0, 3, 1, 2), self.weight[:, :, None, None], self.bias)
+        y = F.conv2d(x.unsqueeze(2).permute(0, 3, 1, 2), self.weight[:, :, None, None], self.bias, dilation=2)
         return y.permute(0, 2, 3, 1).flatten(1, 2)
 
 
@@ -71,6 +75,13 @@ _VECTOR_FLAGS = {
 }
 
 
+def _kernel_vector_width() -> str:
+    """"AVX512", "AVX2" or "DEFAULT" (plain C++): what PyTorch dispatches its own CPU kernels to here, which
+    `ATEN_CPU_CAPABILITY=avx2` (or `default`) lowers, as for PyTorch's kernels."""
+    capability = torch.backends.cpu.get_cpu_capability()
+    return "AVX512" if capability.startswith("AVX512") else capability if capability in _VECTOR_FLAGS else "DEFAULT"
+
+
 @functools.cache
 def _load_onednn_attention() -> None:
     """Build csrc/onednn_attention.cpp for this CPU and register `torch.ops.cvt.onednn_attention`.
@@ -81,8 +92,7 @@ def _load_onednn_attention() -> None:
     """
     from torch.utils.cpp_extension import load
 
-    capability = torch.backends.cpu.get_cpu_capability()
-    width = "AVX512" if capability.startswith("AVX512") else capability if capability in _VECTOR_FLAGS else "DEFAULT"
+    width = _kernel_vector_width()
     source = Path(__file__).with_name("csrc") / "onednn_attention.cpp"
     load(name=f"cvt_onednn_attention_{width.lower()}", sources=[str(source)], extra_ldflags=["-fopenmp"],
          extra_cflags=["-O3", "-fopenmp", f"-DCPU_CAPABILITY={width}", *_VECTOR_FLAGS.get(width, [])],
