@@ -101,9 +101,13 @@ def test_onednn_linears_match_in_training_with_gradients(size):
 
 
 @pytest.mark.parametrize("threads", [1, 2])
-def test_onednn_linear_runs_onednn_on_one_thread_and_small_batches(threads):
+@pytest.mark.parametrize("shape,backend", [
+    ((2, 7, 24), "aten::mkldnn_convolution"), ((1, 900, 24), "aten::mkldnn_convolution"), ((1, 7, 24), "aten::addmm"),
+])
+def test_onednn_linear_runs_onednn_on_one_thread_and_small_batches(threads, shape, backend):
+    """oneDNN on one thread and below 16 images; a small single image by `F.linear`; never PyTorch's slow paths."""
     layer = use_onednn_linears(nn.Sequential(nn.Linear(24, 40)))
-    x = torch.randn(2, 7, 24, requires_grad=True)
+    x = torch.randn(*shape, requires_grad=True)
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -114,7 +118,7 @@ def test_onednn_linear_runs_onednn_on_one_thread_and_small_batches(threads):
         torch.set_num_threads(previous)
     torch.testing.assert_close(y, nn.functional.linear(x, layer[0].weight, layer[0].bias), atol=1e-5, rtol=1e-5)
     names = {event.key for event in profiler.key_averages()}
-    assert "aten::mkldnn_convolution" in names and not any("slow_conv" in name for name in names), names
+    assert backend in names and not any("slow_conv" in name for name in names), names
 
 
 @pytest.mark.parametrize("batch,heads,queries,keys,head_dim,magnitude", [

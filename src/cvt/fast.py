@@ -44,13 +44,14 @@ class OneDNNLinear(nn.Linear):
     (B, tokens, C) sequence is the same product done by oneDNN, forward and backward, with no copies.
     Other devices, and inputs that are not (B, tokens, C), use `F.linear`. Parameters and names are nn.Linear's.
 
-    The dilation changes nothing for a 1x1 kernel; it is there because PyTorch sends an undilated, unstrided 1x1
-    convolution on a single thread with fewer than 16 images to its own im2col + MKL path instead of oneDNN
-    (about half the speed, BENCHMARKS.md), and a dilated one always to oneDNN.
+    The dilation changes nothing for a 1x1 kernel; it is there because PyTorch sends an undilated 1x1 convolution
+    on a single thread with fewer than 16 images to its own MKL path instead of oneDNN (about half the speed,
+    BENCHMARKS.md), and a dilated one to oneDNN, except a single image of at most 20480 values, which would go to
+    a slow dilated-convolution loop: that one, a small product, is `F.linear`'s.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.device.type != "cpu" or x.dim() != 3:
+        if x.device.type != "cpu" or x.dim() != 3 or (x.shape[0] == 1 and x.numel() <= 20480):
             return F.linear(x, self.weight, self.bias)
         y = F.conv2d(x.unsqueeze(2).permute(0, 3, 1, 2), self.weight[:, :, None, None], self.bias, dilation=2)
         return y.permute(0, 2, 3, 1).flatten(1, 2)
