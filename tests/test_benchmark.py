@@ -38,7 +38,8 @@ def test_benchmark_smoke_run_writes_json_and_markdown(tmp_path, capsys):
           "--warmup", "0", "--no-compile", "--device", "cpu", "--out", str(tmp_path),
           "--set", "embed_dims=[16,32,48]", "depths=[1,2,3]", "num_heads=[1,2,3]", "num_classes=10"])
     printed = capsys.readouterr().out
-    report = json.loads((tmp_path / "cvt_13_224_cpu_float32_b2.json").read_text())
+    stem = f"cvt_13_224_cpu_float32_b2_t{torch.get_num_threads()}"
+    report = json.loads((tmp_path / f"{stem}.json").read_text())
     assert [row["mode"] for row in report["results"]] == list(MODES)
     for row in report["results"]:
         for key in ("infer_img_s", "latency_ms", "train_img_s"):
@@ -46,7 +47,7 @@ def test_benchmark_smoke_run_writes_json_and_markdown(tmp_path, capsys):
     assert set(report["ratios"]) >= {"infer_throughput_fast_over_hf", "infer_throughput_fast_over_official-style",
                                      "train_throughput_fast_over_official-style"}
     assert report["threads"] == torch.get_num_threads() and report["versions"]["torch"] == torch.__version__
-    markdown = (tmp_path / "cvt_13_224_cpu_float32_b2.md").read_text()
+    markdown = (tmp_path / f"{stem}.md").read_text()
     assert "| ours-fast |" in markdown and "| official-style |" in markdown and markdown in printed
     # the recorded command reproduces the run, zero-valued options included
     assert "--warmup 0 --repeats 1 --no-compile" in report["command"]
@@ -56,10 +57,11 @@ def test_benchmark_keeps_freed_memory_and_still_measures_peaks(tmp_path):
     # A process of its own: the allocator setting is process-wide.
     subprocess.run([sys.executable, "-m", "cvt", "benchmark", "--model", "cvt_13_224", "--img-size", "32",
                     "--batch-size", "2", "--repeats", "1", "--warmup", "1", "--no-compile", "--no-latency",
-                    "--device", "cpu", "--keep-freed-memory", "--modes", "ours-eager", "official-style",
+                    "--device", "cpu", "--threads", "1", "--keep-freed-memory",
+                    "--modes", "ours-eager", "official-style",
                     "--out", str(tmp_path), "--set", "embed_dims=[16,32,48]", "depths=[1,1,2]",
                     "num_heads=[1,2,3]", "num_classes=10"], check=True, capture_output=True)
-    report = json.loads((tmp_path / "cvt_13_224_cpu_float32_b2_keep-freed-memory.json").read_text())
+    report = json.loads((tmp_path / "cvt_13_224_cpu_float32_b2_t1_keep-freed-memory.json").read_text())
     assert report["keep_freed_memory"] is True and "--keep-freed-memory" in report["command"]
     for row in report["results"]:
         assert row["infer_img_s"] > 0 and row["train_img_s"] > 0

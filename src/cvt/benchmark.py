@@ -476,9 +476,10 @@ def results_markdown(report: dict[str, Any]) -> str:
 
 
 def write_report(report: dict[str, Any], out_dir: str | os.PathLike) -> tuple[str, str]:
-    """Write the report as `<model>_<device>_<dtype>_b<batch>[_keep-freed-memory].json` and `.md` in `out_dir`
-    (created if need be); returns both paths."""
+    """Write the report as `<model>_<device>_<dtype>_b<batch>[_t<CPU threads>][_keep-freed-memory].json` and `.md`
+    in `out_dir` (created if need be); returns both paths."""
     stem = os.path.join(out_dir, f"{report['model']}_{report['device']}_{report['dtype']}_b{report['batch_size']}"
+                                 + (f"_t{report['threads']}" if report["device"] == "cpu" else "")
                                  + ("_keep-freed-memory" if report.get("keep_freed_memory") else ""))
     paths = []
     for suffix, text in ((".json", json.dumps(report, indent=1) + "\n"), (".md", results_markdown(report))):
