@@ -8,6 +8,10 @@ flash kernel, whose block products are MKL's), materialised (the score matrix wr
 does) and by `torch.ops.cvt.onednn_attention` (`use_onednn_attention`: the flash scheme with oneDNN block
 products), forward and forward + backward, with the time per batch summed over the stage's blocks.
 
+Then the two bfloat16 paths of the CPU (outside the float32 targets): attention by PyTorch's kernel in bfloat16
+against ours on float32 copies (what `use_onednn_attention` does for bfloat16 without AMX), and the backward pass
+of the depth-wise k/v projections (3x3, stride 2) in bfloat16 against float32 (`cvt.model.depthwise_convs_in_float32`).
+
 `--keep-freed-memory`: glibc keeps freed blocks (as in `cvt benchmark --keep-freed-memory`), so that an output
 buffer larger than glibc's mmap threshold does not cost page faults at every call.
 """
@@ -27,6 +31,8 @@ SHAPES = [(197, 384, 1536), (197, 1536, 384), (197, 384, 384), (784, 192, 768), 
 # (stage, blocks, heads, queries, keys) of CvT-13's attention at 224 (head dim 64, keys and values at stride 2).
 # The last block of ours-fast has one query (`logits_only`), so stage 2 counts its 9 other blocks.
 ATTENTION = [(0, 1, 1, 3136, 784), (1, 2, 3, 784, 196), (2, 9, 6, 197, 50)]
+# (stage, channels, map size) of CvT-13's depth-wise k/v projections at 224.
+DEPTHWISE = [(0, 64, 56), (1, 192, 28), (2, 384, 14)]
 
 
 def median_seconds(fn, repeats: int) -> float:
@@ -96,6 +102,35 @@ def main() -> None:
     print(f"(GFLOP/s, then ms over all the stage's blocks per batch of {args.batch_size}; median of {args.repeats} "
           f"calls. All blocks: SDPA {1e3 * totals[0]:.0f} ms, oneDNN attention {1e3 * totals[1]:.0f} ms; with the "
           f"backward pass {1e3 * totals[2]:.0f} and {1e3 * totals[3]:.0f} ms)")
+
+    print("\n| stage: blocks x heads x queries x keys | SDPA in bfloat16 ms per batch "
+          "| oneDNN attention on float32 copies ms per batch |")
+    print("|---|---:|---:|")
+    for stage, blocks, heads, queries, keys in ATTENTION:
+        q = torch.randn(args.batch_size, heads, queries, 64, dtype=torch.bfloat16)
+        k, v = torch.randn(2, args.batch_size, heads, keys, 64, dtype=torch.bfloat16).unbind(0)
+        with torch.no_grad():
+            times = [median_seconds(lambda: F.scaled_dot_product_attention(q, k, v, scale=64 ** -0.5), args.repeats),
+                     median_seconds(lambda: torch.ops.cvt.onednn_attention(q.float(), k.float(), v.float(),
+                                                                           64 ** -0.5)[0].bfloat16(), args.repeats)]
+        print(f"| {stage}: {blocks} x {heads} x {queries} x {keys} | "
+              + " | ".join(f"{1e3 * blocks * t:.1f}" for t in times) + " |")
+
+    print("\n| stage: depth-wise k/v conv, channels x map, stride 2 | backward float32 ms | backward bfloat16 ms |")
+    print("|---|---:|---:|")
+    for stage, channels, size in DEPTHWISE:
+        cells = []
+        for dtype in (torch.float32, torch.bfloat16):
+            x = torch.randn(args.batch_size, channels, size, size, dtype=dtype).to(memory_format=torch.channels_last)
+            conv = nn.Conv2d(channels, channels, 3, stride=2, padding=1, groups=channels, bias=False).to(dtype)
+            x.requires_grad_()
+            y = conv(x)
+            grad = torch.randn_like(y)
+            cells.append(median_seconds(lambda y=y, grad=grad: torch.autograd.grad(y, (x, conv.weight), grad,
+                                                                                 retain_graph=True), args.repeats))
+        print(f"| {stage}: {channels} x {size}x{size} | " + " | ".join(f"{1e3 * t:.2f}" for t in cells) + " |")
+    print("(ms per call, median of", args.repeats, "calls)")
+
 
 if __name__ == "__main__":
     main()

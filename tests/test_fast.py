@@ -7,6 +7,7 @@ import sys
 import pytest
 import torch
 import torch.nn as nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import cvt
 import cvt.fast
@@ -188,6 +189,36 @@ def test_onednn_attention_in_the_model_eval_compiled_and_in_training(size):
         torch.testing.assert_close(q.grad, p.grad, atol=1e-6, rtol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
 
 
+def test_onednn_attention_serves_bfloat16_in_float32_where_the_cpu_has_no_native_products(monkeypatch):
+    """Without AMX, bfloat16 attention runs in the kernel on float32 copies: its logits and gradients are no further
+    from float64 than with PyTorch's bfloat16 kernel; with native bfloat16 products it is left to PyTorch's kernel."""
+    model = tiny_model(drop_path_rate=0.0)
+    fast = use_onednn_attention(copy.deepcopy(model))
+    monkeypatch.setattr(OneDNNAttention, "kernel_dtypes", frozenset({torch.float32, torch.bfloat16}))
+    x, y = torch.randn(2, 3, 40, 40), torch.randint(0, 10, (2,))
+
+    def logits_and_gradient(m: nn.Module, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        m = copy.deepcopy(m).to(dtype).train()
+        nn.functional.cross_entropy(m(x.to(dtype)), y).backward()
+        with torch.no_grad():
+            logits = m.eval()(x.to(dtype)).double()
+        return logits, torch.cat([p.grad.double().flatten() for p in m.parameters()])
+
+    truth = logits_and_gradient(model, torch.float64)
+    errors = {}
+    for name, m in (("pytorch", model), ("ours", fast)):
+        with torch.profiler.profile() as profiler:
+            got = logits_and_gradient(m, torch.bfloat16)
+        assert ("cvt::onednn_attention" in {e.key for e in profiler.key_averages()}) == (name == "ours")
+        errors[name] = [((a - b).norm() / b.norm()).item() for a, b in zip(got, truth)]
+    for what, ours, pytorch in zip(("logits", "gradient"), errors["ours"], errors["pytorch"]):
+        assert ours <= 1.5 * pytorch, f"{what}: {ours:.2e} off float64, PyTorch's bfloat16 kernel {pytorch:.2e}"
+    monkeypatch.setattr(OneDNNAttention, "kernel_dtypes", frozenset({torch.float32}))
+    with torch.no_grad(), torch.profiler.profile() as profiler:
+        fast.bfloat16().eval()(x.bfloat16())
+    assert "cvt::onednn_attention" not in {e.key for e in profiler.key_averages()}
+
+
 def test_onednn_attention_that_cannot_be_built_warns_and_leaves_the_model(monkeypatch):
     def no_compiler():
         raise RuntimeError("Error building extension")
@@ -254,3 +285,39 @@ def test_depthwise_conv_taps_is_the_depthwise_conv(kernel, stride, padding, size
     torch.testing.assert_close(x.grad, x_ref.grad, atol=1e-6, rtol=1e-5)
     with pytest.raises(ValueError, match="depth-wise"):
         depthwise_conv_taps(nn.Conv2d(6, 12, 3, groups=6), x)
+
+
+class DepthwiseConvDtypes(TorchDispatchMode):
+    """Records the input dtype of every depth-wise convolution, forward and backward, that reaches ATen."""
+
+    def __init__(self):
+        super().__init__()
+        self.dtypes = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        groups_at = {torch.ops.aten.convolution.default: 8, torch.ops.aten.convolution_backward.default: 9}.get(func)
+        if groups_at is not None and args[groups_at] > 1:
+            self.dtypes.append((func.overloadpacket.__name__, args[1].dtype))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("setting", ["autocast", "bfloat16 model"])
+def test_depthwise_projections_run_in_float32_in_cpu_bfloat16(setting):
+    """PyTorch's bfloat16 backward pass of a strided depth-wise conv is a slow path on the CPU (BENCHMARKS.md), so
+    the projections run those convs in float32 where a backward pass may follow; the model still matches float32 to
+    bfloat16's rounding. Without gradients they stay in bfloat16."""
+    model = tiny_model(drop_path_rate=0.0).train()
+    x, y = torch.randn(2, 3, 40, 40), torch.randint(0, 10, (2,))
+    expected = nn.functional.cross_entropy(copy.deepcopy(model)(x), y)
+    if setting == "bfloat16 model":
+        model, x = model.bfloat16(), x.bfloat16()
+    with DepthwiseConvDtypes() as recorded, torch.autocast("cpu", torch.bfloat16, enabled=setting == "autocast"):
+        loss = nn.functional.cross_entropy(model(x), y)
+    with recorded:
+        loss.backward()
+    assert {name for name, _ in recorded.dtypes} == {"convolution", "convolution_backward"}
+    assert {dtype for _, dtype in recorded.dtypes} == {torch.float32}
+    torch.testing.assert_close(loss.float(), expected, atol=0, rtol=2e-2)
+    with DepthwiseConvDtypes() as recorded, torch.no_grad(), torch.autocast("cpu", torch.bfloat16):
+        model(x)
+    assert {dtype for _, dtype in recorded.dtypes} == {torch.bfloat16}

@@ -10,8 +10,8 @@ computes the class token alone. (A k/v conv with channel multiplier 2 and channe
 too; they were slower in every setting, on the CPU and on the GPU, and were removed: BENCHMARKS.md.)
 
 Three more steps, for training too: `use_onednn_linears` (float32 CPU products by oneDNN instead of MKL),
-`use_onednn_attention` (float32 CPU attention by a C++ kernel built on first use, whose block products are
-oneDNN's) and `compile_model` (`torch.compile(fullgraph=True)`; compiled for a GPU, the depth-wise convs
+`use_onednn_attention` (CPU attention by a C++ kernel built on first use, whose block products are oneDNN's
+float32 ones; bfloat16 and float16 too where the CPU has no AMX) and `compile_model` (`torch.compile(fullgraph=True)`; compiled for a GPU, the depth-wise convs
 become fused tap sums, see `cvt.model.depthwise_convs_as_taps`). Our fastest classifiers:
 
 - CPU: `compile_model(use_onednn_attention(use_onednn_linears(optimize_for_inference(m, logits_only=True))))`;
@@ -84,8 +84,9 @@ def _kernel_vector_width() -> str:
 
 
 @functools.cache
-def _load_onednn_attention() -> None:
-    """Build csrc/onednn_attention.cpp for this CPU and register `torch.ops.cvt.onednn_attention`.
+def _load_onednn_attention() -> frozenset[torch.dtype]:
+    """Build csrc/onednn_attention.cpp for this CPU and register `torch.ops.cvt.onednn_attention`; returns the
+    dtypes the kernel serves (`OneDNNAttention.kernel_dtypes`).
 
     torch.utils.cpp_extension keeps the build in ~/.cache/torch_extensions (TORCH_EXTENSIONS_DIR) and
     rebuilds only when the source changes. Raises RuntimeError or OSError where it cannot be built (no C++
@@ -118,21 +119,28 @@ def _load_onednn_attention() -> None:
         return (*torch.ops.cvt.onednn_attention_backward(grad_out, *ctx.saved_tensors, ctx.scale), None)
 
     torch.library.register_autograd("cvt::onednn_attention", backward, setup_context=setup_context)
+    # Without native bfloat16 / float16 block products (AMX), PyTorch's flash attention multiplies those blocks
+    # at a fraction of float32 brgemm's speed, so the kernel serves them too, in float32 (BENCHMARKS.md).
+    reduced = {dtype for dtype in (torch.bfloat16, torch.float16) if not torch.ops.cvt.native_block_products(dtype)}
+    return frozenset({torch.float32, *reduced})
 
 
 class OneDNNAttention(Attention):
-    """`Attention` whose float32 CPU attention runs `torch.ops.cvt.onednn_attention` (csrc/onednn_attention.cpp).
+    """`Attention` whose CPU attention runs `torch.ops.cvt.onednn_attention` (csrc/onednn_attention.cpp).
 
     The kernels are PyTorch's CPU flash attention, forward and backward (blocks of queries against blocks of keys,
     no score matrix written out), with oneDNN brgemm block products instead of MKL's sgemm: on the AMD CPU of
-    BENCHMARKS.md about twice as fast. On other devices or dtypes, and with attention dropout in training,
-    `Attention.attend` runs instead. Parameters and names are Attention's.
+    BENCHMARKS.md about twice as fast. bfloat16 and float16 attention runs in it too, on float32 copies of q, k
+    and v, where the CPU has no native products for them (`kernel_dtypes`); on other devices or dtypes, and with
+    attention dropout in training, `Attention.attend` runs instead. Parameters and names are Attention's.
     """
 
+    kernel_dtypes: frozenset[torch.dtype] = frozenset()  # set by use_onednn_attention: a property of the CPU
+
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        if q.device.type != "cpu" or q.dtype != torch.float32 or (self.training and self.attn_drop_rate > 0):
+        if q.device.type != "cpu" or q.dtype not in self.kernel_dtypes or (self.training and self.attn_drop_rate > 0):
             return super().attend(q, k, v)
-        return torch.ops.cvt.onednn_attention(q, k, v, self.scale)[0]
+        return torch.ops.cvt.onednn_attention(q.float(), k.float(), v.float(), self.scale)[0].to(q.dtype)
 
 
 def use_onednn_attention(model: nn.Module) -> nn.Module:
@@ -142,7 +150,7 @@ def use_onednn_attention(model: nn.Module) -> nn.Module:
     is.
     """
     try:
-        _load_onednn_attention()
+        OneDNNAttention.kernel_dtypes = _load_onednn_attention()
     except (RuntimeError, OSError, ImportError) as error:
         warnings.warn(f"cvt: the oneDNN attention kernel could not be built ({error}); the model keeps its "
                       "attention. The kernel needs a C++ compiler and ninja.", stacklevel=2)

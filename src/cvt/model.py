@@ -90,6 +90,23 @@ def depthwise_conv_taps(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def depthwise_conv_float32(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """`conv(x)` computed in float32, whatever the dtypes and autocast say, and returned in x's dtype."""
+    with torch.autocast(x.device.type, enabled=False):
+        bias = None if conv.bias is None else conv.bias.float()
+        y = F.conv2d(x.float(), conv.weight.float(), bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+    return y.to(x.dtype)
+
+
+def depthwise_convs_in_float32(x: torch.Tensor) -> bool:
+    """Whether `Attention` computes its depth-wise projections of `x` with `depthwise_conv_float32`: in bfloat16 or
+    float16 on the CPU (the input's dtype or autocast's) when a backward pass may follow. There PyTorch's backward
+    pass of a strided depth-wise conv takes about 10-13 ms that float32 does in 0.1-0.3 (a slow path of that dtype;
+    BENCHMARKS.md); the forward pass is as fast in either dtype."""
+    reduced = x.dtype in (torch.bfloat16, torch.float16) or torch.is_autocast_enabled("cpu")
+    return x.device.type == "cpu" and reduced and torch.is_grad_enabled()
+
+
 def depthwise_convs_as_taps(x: torch.Tensor) -> bool:
     """Whether `Attention` computes its depth-wise projections of `x` with `depthwise_conv_taps`: when compiled for
     a GPU. Inductor then fuses the taps with the BatchNorm, the LayerNorm before and the layout change after into one
@@ -144,10 +161,15 @@ class Attention(nn.Module):
     def _project(proj: nn.Module | None, x_map: torch.Tensor, x_tokens: torch.Tensor) -> torch.Tensor:
         if proj is None:
             return x_tokens
-        if hasattr(proj, "conv") and depthwise_convs_as_taps(x_map):
+        if not hasattr(proj, "conv"):
+            return proj(x_map).flatten(2).transpose(1, 2)
+        if depthwise_convs_as_taps(x_map):
             x = depthwise_conv_taps(proj.conv, x_map)
-            return (proj.bn(x) if hasattr(proj, "bn") else x).flatten(2).transpose(1, 2)
-        return proj(x_map).flatten(2).transpose(1, 2)
+        elif depthwise_convs_in_float32(x_map):
+            x = depthwise_conv_float32(proj.conv, x_map)
+        else:
+            x = proj.conv(x_map)
+        return (proj.bn(x) if hasattr(proj, "bn") else x).flatten(2).transpose(1, 2)
 
     def qkv(self, x: torch.Tensor, h: int, w: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """q, k, v as (B, heads, tokens, head_dim), class token first where there is one."""

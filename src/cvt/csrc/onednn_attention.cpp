@@ -215,9 +215,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> onednn_attention_backward(
   return {grad_q, grad_k, grad_v};
 }
 
+// Whether ATen's brgemm multiplies blocks of `dtype` natively here (bfloat16 and float16: on CPUs with AMX), the
+// products PyTorch's own flash attention uses for that dtype.
+bool native_block_products(at::ScalarType dtype) { return at::native::cpublas::could_pack(dtype); }
+
 }  // namespace
 
 TORCH_LIBRARY(cvt, m) {
+  m.def("native_block_products(ScalarType dtype) -> bool", &native_block_products);
   m.def("onednn_attention(Tensor q, Tensor k, Tensor v, float scale) -> (Tensor, Tensor)");
   m.def("onednn_attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor logsumexp, "
         "float scale) -> (Tensor, Tensor, Tensor)");
