@@ -11,8 +11,9 @@ too; they were slower in every setting, on the CPU and on the GPU, and were remo
 
 Three more steps, for training too: `use_onednn_linears` (float32 CPU products by oneDNN instead of MKL),
 `use_onednn_attention` (CPU attention by a C++ kernel built on first use, whose block products are oneDNN's
-float32 ones; bfloat16 and float16 too where the CPU has no AMX) and `compile_model` (`torch.compile(fullgraph=True)`; compiled for a GPU, the depth-wise convs
-become fused tap sums, see `cvt.model.depthwise_convs_as_taps`). Our fastest classifiers:
+float32 ones; bfloat16 and float16 too where the CPU has no AMX) and `compile_model`
+(`torch.compile(fullgraph=True)`; compiled for a GPU, the depth-wise convs become fused tap sums, see
+`cvt.model.depthwise_convs_as_taps`). Our fastest classifiers:
 
 - CPU: `compile_model(use_onednn_attention(use_onednn_linears(optimize_for_inference(m, logits_only=True))))`;
 - GPU: `compile_model(optimize_for_inference(m, logits_only=True).to(torch.bfloat16), cuda_graphs=True)`.
@@ -36,6 +37,11 @@ __all__ = ["optimize_for_inference", "use_onednn_linears", "use_onednn_attention
            "ClassTokenBlock", "OneDNNLinear", "OneDNNAttention"]
 
 
+# ATen's ConvParams::use_mkldnn never gives a single image of at most this many values to oneDNN in a 1x1
+# convolution; dilated, it then takes PyTorch's slow dilated-convolution loop.
+_ONEDNN_MIN_SINGLE_IMAGE = 20480
+
+
 class OneDNNLinear(nn.Linear):
     """`nn.Linear` that multiplies token sequences on the CPU as a 1x1 convolution, i.e. with oneDNN.
 
@@ -51,7 +57,7 @@ class OneDNNLinear(nn.Linear):
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.device.type != "cpu" or x.dim() != 3 or (x.shape[0] == 1 and x.numel() <= 20480):
+        if x.device.type != "cpu" or x.dim() != 3 or (x.shape[0] == 1 and x.numel() <= _ONEDNN_MIN_SINGLE_IMAGE):
             return F.linear(x, self.weight, self.bias)
         y = F.conv2d(x.unsqueeze(2).permute(0, 3, 1, 2), self.weight[:, :, None, None], self.bias, dilation=2)
         return y.permute(0, 2, 3, 1).flatten(1, 2)
@@ -77,8 +83,8 @@ _VECTOR_FLAGS = {
 
 
 def _kernel_vector_width() -> str:
-    """"AVX512", "AVX2" or "DEFAULT" (plain C++): what PyTorch dispatches its own CPU kernels to here, which
-    `ATEN_CPU_CAPABILITY=avx2` (or `default`) lowers, as for PyTorch's kernels."""
+    """The vector width to build the kernel for, "AVX512", "AVX2" or "DEFAULT" (plain C++): the one PyTorch
+    dispatches its own CPU kernels to here, which `ATEN_CPU_CAPABILITY=avx2` (or `default`) lowers for both."""
     capability = torch.backends.cpu.get_cpu_capability()
     return "AVX512" if capability.startswith("AVX512") else capability if capability in _VECTOR_FLAGS else "DEFAULT"
 
@@ -138,7 +144,8 @@ class OneDNNAttention(Attention):
     kernel_dtypes: frozenset[torch.dtype] = frozenset()  # set by use_onednn_attention: a property of the CPU
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        if q.device.type != "cpu" or q.dtype not in self.kernel_dtypes or (self.training and self.attn_drop_rate > 0):
+        dropout = self.training and self.attn_drop_rate > 0
+        if q.device.type != "cpu" or q.dtype not in self.kernel_dtypes or dropout:
             return super().attend(q, k, v)
         return torch.ops.cvt.onednn_attention(q.float(), k.float(), v.float(), self.scale)[0].to(q.dtype)
 
