@@ -24,7 +24,7 @@ from torch.profiler import ProfilerActivity, profile
 
 import cvt
 from cvt.benchmark import _interleaved_medians, retain_freed_memory
-from cvt.fast import compile_model, optimize_for_inference, use_onednn_attention, use_onednn_linears
+from cvt.fast import compile_model, move_to, optimize_for_inference, use_onednn_attention, use_onednn_linears
 
 
 OURS_FAST = "ours-fast"
@@ -44,8 +44,8 @@ def variants_for(model: cvt.CvT, device: torch.device, compile_them: bool) -> di
         variants["compiled: plain"] = compile_model(variants.get("oneDNN linears", model))
         variants["compiled: optimize_for_inference"] = compile_model(fused)
         variants["compiled: optimize_for_inference(logits_only)"] = compile_model(logits_only)
-        variants[OURS_FAST] = (compile_model(use_onednn_attention(copy.deepcopy(logits_only)))
-                               if device.type == "cpu" else compile_model(copy.deepcopy(logits_only), cuda_graphs=True))
+        variants[OURS_FAST] = compile_model(move_to(copy.deepcopy(logits_only), device),
+                                            cuda_graphs=device.type == "cuda")
         variants["compiled with inductor layout optimisation: optimize_for_inference(logits_only)"] = (
             torch.compile(copy.deepcopy(logits_only), fullgraph=True, dynamic=False))
     return variants

@@ -19,6 +19,11 @@ from cvt.model import depthwise_conv_taps
 from helpers import TINY, official_model, randomize_batchnorm
 
 
+def ops_run(profiler: torch.profiler.profile) -> set[str]:
+    """The names of the operators a profiled block ran."""
+    return {event.key for event in profiler.key_averages()}
+
+
 def tiny_model(seed: int = 0, **overrides) -> cvt.CvT:
     """A tiny CvT with every parameter and BatchNorm statistic random, so a wrong fold shows."""
     torch.manual_seed(seed)
@@ -118,7 +123,7 @@ def test_onednn_linear_runs_onednn_on_one_thread_and_small_batches(threads, shap
     finally:
         torch.set_num_threads(previous)
     torch.testing.assert_close(y, nn.functional.linear(x, layer[0].weight, layer[0].bias), atol=1e-5, rtol=1e-5)
-    names = {event.key for event in profiler.key_averages()}
+    names = ops_run(profiler)
     assert backend in names and not any("slow_conv" in name for name in names), names
 
 
@@ -209,14 +214,14 @@ def test_onednn_attention_serves_bfloat16_in_float32_where_the_cpu_has_no_native
     for name, m in (("pytorch", model), ("ours", fast)):
         with torch.profiler.profile() as profiler:
             got = logits_and_gradient(m, torch.bfloat16)
-        assert ("cvt::onednn_attention" in {e.key for e in profiler.key_averages()}) == (name == "ours")
+        assert ("cvt::onednn_attention" in ops_run(profiler)) == (name == "ours")
         errors[name] = [((a - b).norm() / b.norm()).item() for a, b in zip(got, truth)]
     for what, ours, pytorch in zip(("logits", "gradient"), errors["ours"], errors["pytorch"]):
         assert ours <= 1.5 * pytorch, f"{what}: {ours:.2e} off float64, PyTorch's bfloat16 kernel {pytorch:.2e}"
     monkeypatch.setattr(OneDNNAttention, "kernel_dtypes", frozenset({torch.float32}))
     with torch.no_grad(), torch.profiler.profile() as profiler:
         fast.bfloat16().eval()(x.bfloat16())
-    assert "cvt::onednn_attention" not in {e.key for e in profiler.key_averages()}
+    assert "cvt::onednn_attention" not in ops_run(profiler)
 
 
 def test_onednn_attention_that_cannot_be_built_warns_and_leaves_the_model(monkeypatch):
