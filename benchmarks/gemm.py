@@ -3,7 +3,8 @@
     python benchmarks/gemm.py --threads 2 [--keep-freed-memory]
 
 The linear layers by MKL (`F.linear`) and by oneDNN (`OneDNNLinear`, a 1x1 convolution), forward and forward +
-backward; then the attention of each stage (q @ k.T, softmax, @ v) by `scaled_dot_product_attention` (PyTorch's
+backward; oneDNN's 1x1 convolution against its matmul on one to four images (`OneDNNLinear`'s choice without
+gradient); then the attention of each stage (q @ k.T, softmax, @ v) by `scaled_dot_product_attention` (PyTorch's
 flash kernel, whose block products are MKL's), materialised (the score matrix written out, as the official code
 does) and by `torch.ops.cvt.onednn_attention` (`use_onednn_attention`: the flash scheme with oneDNN block
 products), forward and forward + backward, with the time per batch summed over the stage's blocks.
@@ -24,10 +25,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from cvt.benchmark import retain_freed_memory
-from cvt.fast import use_onednn_attention, use_onednn_linears
+from cvt.fast import onednn_conv1x1, onednn_matmul, use_onednn_attention, use_onednn_linears
 
 # (tokens per image, in, out) of CvT-13's products: stage-2 MLP and q/proj, stage-1 MLP, stage-0 MLP.
 SHAPES = [(197, 384, 1536), (197, 1536, 384), (197, 384, 384), (784, 192, 768), (784, 768, 192), (3136, 64, 256)]
+# Products of a few images: stage 2's q/proj, MLP and k/v (stride 2) products, stage 1's q/proj.
+FEW_ROWS = [(197, 384, 384), (197, 384, 1536), (197, 1536, 384), (50, 384, 384), (784, 192, 192)]
 # (stage, blocks, heads, queries, keys) of CvT-13's attention at 224 (head dim 64, keys and values at stride 2).
 # The last block of ours-fast has one query (`logits_only`), so stage 2 counts its 9 other blocks.
 ATTENTION = [(0, 1, 1, 3136, 784), (1, 2, 3, 784, 196), (2, 9, 6, 197, 50)]
@@ -76,6 +79,19 @@ def main() -> None:
                         cells.append(flops / median_seconds(lambda layer=layer: layer(x), args.repeats) / 1e9)
         print(f"| {tokens} x {fan_in} -> {fan_out} | " + " | ".join(f"{c:.0f}" for c in cells) + " |")
     print("(GFLOP/s, median of", args.repeats, "calls)")
+
+    print("\n| tokens x in -> out, images | rows | oneDNN 1x1 conv | oneDNN matmul |")
+    print("|---|---:|---:|---:|")
+    for images in (1, 2, 4):
+        for tokens, fan_in, fan_out in FEW_ROWS:
+            x, weight, bias = torch.randn(images, tokens, fan_in), torch.randn(fan_out, fan_in), torch.randn(fan_out)
+            flops = 2 * images * tokens * fan_in * fan_out
+            with torch.no_grad():
+                cells = [flops / median_seconds(lambda fn=fn: fn(x, weight, bias), args.repeats) / 1e9
+                         for fn in (onednn_conv1x1, onednn_matmul)]
+            print(f"| {tokens} x {fan_in} -> {fan_out}, {images} | {images * tokens} | "
+                  + " | ".join(f"{c:.0f}" for c in cells) + " |")
+    print("(GFLOP/s without gradient, median of", args.repeats, "calls)")
 
     use_onednn_attention(nn.Module())  # builds the kernel
     print("\n| stage: blocks x heads x queries x keys | SDPA | materialised | oneDNN attention | SDPA ms per batch "

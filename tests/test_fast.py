@@ -127,6 +127,25 @@ def test_onednn_linear_runs_onednn_on_one_thread_and_small_batches(threads, shap
     assert backend in names and not any("slow_conv" in name for name in names), names
 
 
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("shape,backend", [((2, 7, 24), "mkldnn::_linear_pointwise"),
+                                           ((1, 900, 24), "aten::mkldnn_convolution")])
+def test_onednn_linear_without_gradient_takes_onednns_matmul_for_few_rows(shape, backend, bias):
+    """Inference products of at most 512 rows go to oneDNN's matmul, larger ones stay oneDNN convolutions: under
+    `no_grad`, and for a model whose parameters need no gradient (`optimize_for_inference`)."""
+    layer = use_onednn_linears(nn.Sequential(nn.Linear(24, 40, bias=bias)))
+    x = torch.randn(*shape)
+    expected = nn.functional.linear(x, layer[0].weight, layer[0].bias)
+    with torch.no_grad(), torch.profiler.profile() as profiler:
+        y = layer(x)
+    torch.testing.assert_close(y, expected, atol=1e-5, rtol=1e-5)
+    assert backend in ops_run(profiler)
+    layer.requires_grad_(False)
+    with torch.profiler.profile() as profiler:
+        torch.testing.assert_close(layer(x), expected, atol=1e-5, rtol=1e-5)
+    assert backend in ops_run(profiler)
+
+
 @pytest.mark.parametrize("batch,heads,queries,keys,head_dim,magnitude", [
     (2, 1, 130, 600, 64, 1.0),   # three query blocks, the last partial; two key blocks, the last partial
     (1, 3, 65, 17, 24, 1.0),     # keys and head dim that are not multiples of the vector width
@@ -246,11 +265,13 @@ def test_sdpa_path_matches_the_reference_attention_with_gradients():
     torch.testing.assert_close(x.grad, x_ref.grad, atol=1e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("size,taps", [((32, 32), False), ((48, 40), False), ((48, 40), True)])
-def test_torch_compile_fullgraph_training_matches_eager_and_inference_runs(size, taps, monkeypatch):
+@pytest.mark.parametrize("size,projections", [((32, 32), "as chosen"), ((48, 40), "as chosen"), ((48, 40), "conv")])
+def test_torch_compile_fullgraph_training_matches_eager_and_inference_runs(size, projections, monkeypatch):
+    """The tiny model's maps are small, so compiled on the CPU its depth-wise projections are tap sums (the GPU's
+    form); "conv" keeps the conv kernels, the CPU's form for larger maps."""
     torch._dynamo.reset()
-    if taps:  # the GPU's form of the depth-wise projections, compiled here on the CPU
-        monkeypatch.setattr(cvt.model, "depthwise_convs_as_taps", lambda x: torch.compiler.is_compiling())
+    if projections == "conv":
+        monkeypatch.setattr(cvt.model, "depthwise_convs_as_taps", lambda x: False)
     model = tiny_model(drop_path_rate=0.0)
     x = torch.randn(2, 3, *size)
     y = torch.randint(0, 10, (2,))
@@ -271,6 +292,18 @@ def test_torch_compile_fullgraph_training_matches_eager_and_inference_runs(size,
         use_onednn_attention(use_onednn_linears(optimize_for_inference(model, logits_only=True))), cuda_graphs=True)
     with torch.no_grad():
         torch.testing.assert_close(compiled_fast(x), model(x), atol=1e-4, rtol=0)
+
+
+def test_depthwise_projections_are_tap_sums_when_compiled_for_small_cpu_maps():
+    small = torch.zeros(1, 8, 14, 14)
+    large = torch.zeros(1, 8, 1, cvt.model.TAPS_MAX_CPU_VALUES // 8 + 1)
+
+    @torch.compile(fullgraph=True, dynamic=False)
+    def chosen(x):
+        return torch.tensor(cvt.model.depthwise_convs_as_taps(x))
+
+    assert chosen(small) and not chosen(large)
+    assert not cvt.model.depthwise_convs_as_taps(small)  # eager: one conv call beats nine tap operations
 
 
 @pytest.mark.parametrize("kernel,stride,padding,size", [(3, 1, 1, (7, 9)), (3, 2, 1, (8, 8)), (3, 2, 1, (7, 5)),

@@ -12,8 +12,8 @@ too; they were slower in every setting, on the CPU and on the GPU, and were remo
 Three more steps, for training too: `use_onednn_linears` (float32 CPU products by oneDNN instead of MKL),
 `use_onednn_attention` (CPU attention by a C++ kernel built on first use, whose block products are oneDNN's
 float32 ones; bfloat16 and float16 too where the CPU has no AMX) and `compile_model`
-(`torch.compile(fullgraph=True)`; compiled for a GPU, the depth-wise convs become fused tap sums, see
-`cvt.model.depthwise_convs_as_taps`). Our fastest classifiers:
+(`torch.compile(fullgraph=True)`; compiled for a GPU, and for the CPU on small maps, the depth-wise convs become
+fused tap sums, see `cvt.model.depthwise_convs_as_taps`). Our fastest classifiers:
 
 - CPU: `compile_model(use_onednn_attention(use_onednn_linears(optimize_for_inference(m, logits_only=True))))`;
 - GPU: `compile_model(optimize_for_inference(m, logits_only=True).to(torch.bfloat16), cuda_graphs=True)`.
@@ -40,6 +40,29 @@ __all__ = ["optimize_for_inference", "use_onednn_linears", "use_onednn_attention
 # ATen's ConvParams::use_mkldnn never gives a single image of at most this many values to oneDNN in a 1x1
 # convolution; dilated, it then takes PyTorch's slow dilated-convolution loop.
 _ONEDNN_MIN_SINGLE_IMAGE = 20480
+# Up to this many rows (images x tokens) oneDNN's matmul outruns its 1x1 convolution, which reorders the weight at
+# every call; from about 800 rows the convolution is as fast or faster (benchmarks/gemm.py, BENCHMARKS.md).
+_MATMUL_MAX_ROWS = 512
+_HAS_ONEDNN = torch.backends.mkldnn.is_available()
+
+
+def onednn_conv1x1(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """`F.linear(x, weight, bias)` for a (B, tokens, C) sequence as a 1x1 convolution over its (B, C, tokens, 1)
+    channels-last view: no copies, and oneDNN's, forward and backward (see `OneDNNLinear` for the dilation)."""
+    y = F.conv2d(x.unsqueeze(2).permute(0, 3, 1, 2), weight[:, :, None, None], bias, dilation=2)
+    return y.permute(0, 2, 3, 1).flatten(1, 2)
+
+
+@torch.library.custom_op("cvt::onednn_matmul", mutates_args=())
+def onednn_matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """`F.linear(x, weight, bias)` by oneDNN's matmul primitive, without gradient. An op of its own so that
+    inductor calls it as it is: its lowering of `mkldnn._linear_pointwise` takes frozen weights only."""
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], None)
+
+
+@onednn_matmul.register_fake
+def _(x, weight, bias):
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
 class OneDNNLinear(nn.Linear):
@@ -54,13 +77,24 @@ class OneDNNLinear(nn.Linear):
     on a single thread with fewer than 16 images to its own MKL path instead of oneDNN (about half the speed,
     BENCHMARKS.md), and a dilated one to oneDNN, except a single image of at most 20480 values, which would go to
     a slow dilated-convolution loop: that one, a small product, is `F.linear`'s.
+
+    Without gradient, float32 products of at most 512 rows (one or two images in the last stage) go to oneDNN's
+    matmul (`onednn_matmul`), which does not reorder the weight at every call as the convolution does.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.device.type != "cpu" or x.dim() != 3 or (x.shape[0] == 1 and x.numel() <= _ONEDNN_MIN_SINGLE_IMAGE):
+        if x.device.type != "cpu" or x.dim() != 3:
             return F.linear(x, self.weight, self.bias)
-        y = F.conv2d(x.unsqueeze(2).permute(0, 3, 1, 2), self.weight[:, :, None, None], self.bias, dilation=2)
-        return y.permute(0, 2, 3, 1).flatten(1, 2)
+        if self._small_inference_product(x):
+            return onednn_matmul(x, self.weight, self.bias)
+        if x.shape[0] == 1 and x.numel() <= _ONEDNN_MIN_SINGLE_IMAGE:
+            return F.linear(x, self.weight, self.bias)
+        return onednn_conv1x1(x, self.weight, self.bias)
+
+    def _small_inference_product(self, x: torch.Tensor) -> bool:
+        needs_grad = torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)
+        return (_HAS_ONEDNN and not needs_grad and x.dtype == torch.float32 and self.weight.dtype == torch.float32
+                and x.shape[0] * x.shape[1] <= _MATMUL_MAX_ROWS)
 
 
 def use_onednn_linears(model: nn.Module) -> nn.Module:
