@@ -144,6 +144,8 @@ def test_onednn_linear_without_gradient_takes_onednns_matmul_for_few_rows(shape,
     with torch.profiler.profile() as profiler:
         torch.testing.assert_close(layer(x), expected, atol=1e-5, rtol=1e-5)
     assert backend in ops_run(profiler)
+    with torch.autocast("cpu", torch.bfloat16):  # autocast's products stay autocast's
+        assert layer(x).dtype == torch.bfloat16
 
 
 @pytest.mark.parametrize("batch,heads,queries,keys,head_dim,magnitude", [

@@ -79,7 +79,8 @@ class OneDNNLinear(nn.Linear):
     a slow dilated-convolution loop: that one, a small product, is `F.linear`'s.
 
     Without gradient, float32 products of at most 512 rows (one or two images in the last stage) go to oneDNN's
-    matmul (`onednn_matmul`), which does not reorder the weight at every call as the convolution does.
+    matmul (`onednn_matmul`), which does not reorder the weight at every call as the convolution does; under
+    autocast the convolution stays, so that the product is in autocast's dtype.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -93,8 +94,8 @@ class OneDNNLinear(nn.Linear):
 
     def _small_inference_product(self, x: torch.Tensor) -> bool:
         needs_grad = torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)
-        return (_HAS_ONEDNN and not needs_grad and x.dtype == torch.float32 and self.weight.dtype == torch.float32
-                and x.shape[0] * x.shape[1] <= _MATMUL_MAX_ROWS)
+        float32 = x.dtype == self.weight.dtype == torch.float32 and not torch.is_autocast_enabled("cpu")
+        return _HAS_ONEDNN and float32 and not needs_grad and x.shape[0] * x.shape[1] <= _MATMUL_MAX_ROWS
 
 
 def use_onednn_linears(model: nn.Module) -> nn.Module:
