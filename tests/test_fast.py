@@ -267,13 +267,13 @@ def test_sdpa_path_matches_the_reference_attention_with_gradients():
     torch.testing.assert_close(x.grad, x_ref.grad, atol=1e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("size,projections", [((32, 32), "as chosen"), ((48, 40), "as chosen"), ((48, 40), "conv")])
+@pytest.mark.parametrize("size,projections", [((32, 32), "as chosen"), ((48, 40), "as chosen"), ((48, 40), "taps")])
 def test_torch_compile_fullgraph_training_matches_eager_and_inference_runs(size, projections, monkeypatch):
-    """The tiny model's maps are small, so compiled on the CPU its depth-wise projections are tap sums (the GPU's
-    form); "conv" keeps the conv kernels, the CPU's form for larger maps."""
+    """As chosen on the CPU: conv kernels in training, tap sums in inference (the tiny model's maps are small);
+    "taps" trains with the tap sums too (the GPU's form)."""
     torch._dynamo.reset()
-    if projections == "conv":
-        monkeypatch.setattr(cvt.model, "depthwise_convs_as_taps", lambda x: False)
+    if projections == "taps":
+        monkeypatch.setattr(cvt.model, "depthwise_convs_as_taps", lambda x: torch.compiler.is_compiling())
     model = tiny_model(drop_path_rate=0.0)
     x = torch.randn(2, 3, *size)
     y = torch.randint(0, 10, (2,))
@@ -296,7 +296,7 @@ def test_torch_compile_fullgraph_training_matches_eager_and_inference_runs(size,
         torch.testing.assert_close(compiled_fast(x), model(x), atol=1e-4, rtol=0)
 
 
-def test_depthwise_projections_are_tap_sums_when_compiled_for_small_cpu_maps():
+def test_depthwise_projections_are_tap_sums_when_compiled_for_small_cpu_maps_in_inference():
     small = torch.zeros(1, 8, 14, 14)
     large = torch.zeros(1, 8, 1, cvt.model.TAPS_MAX_CPU_VALUES // 8 + 1)
 
@@ -304,8 +304,10 @@ def test_depthwise_projections_are_tap_sums_when_compiled_for_small_cpu_maps():
     def chosen(x):
         return torch.tensor(cvt.model.depthwise_convs_as_taps(x))
 
-    assert chosen(small) and not chosen(large)
-    assert not cvt.model.depthwise_convs_as_taps(small)  # eager: one conv call beats nine tap operations
+    with torch.no_grad():
+        assert chosen(small) and not chosen(large)
+        assert not cvt.model.depthwise_convs_as_taps(small)  # eager: one conv call beats nine tap operations
+    assert not chosen(small)  # training keeps the conv kernels on the CPU
 
 
 @pytest.mark.parametrize("kernel,stride,padding,size", [(3, 1, 1, (7, 9)), (3, 2, 1, (8, 8)), (3, 2, 1, (7, 5)),

@@ -12,8 +12,8 @@ too; they were slower in every setting, on the CPU and on the GPU, and were remo
 Three more steps, for training too: `use_onednn_linears` (float32 CPU products by oneDNN instead of MKL),
 `use_onednn_attention` (CPU attention by a C++ kernel built on first use, whose block products are oneDNN's
 float32 ones; bfloat16 and float16 too where the CPU has no AMX) and `compile_model`
-(`torch.compile(fullgraph=True)`; compiled for a GPU, and for the CPU on small maps, the depth-wise convs become
-fused tap sums, see `cvt.model.depthwise_convs_as_taps`). Our fastest classifiers:
+(`torch.compile(fullgraph=True)`; compiled for a GPU, and for CPU inference on small maps, the depth-wise convs
+become fused tap sums, see `cvt.model.depthwise_convs_as_taps`). Our fastest classifiers:
 
 - CPU: `compile_model(use_onednn_attention(use_onednn_linears(optimize_for_inference(m, logits_only=True))))`;
 - GPU: `compile_model(optimize_for_inference(m, logits_only=True).to(torch.bfloat16), cuda_graphs=True)`.

@@ -72,8 +72,8 @@ def _build_projection(method: str, dim: int, kernel_size: int, stride: int, padd
     raise ValueError(f"unknown projection method {method!r}: choose one of {PROJ_METHODS}")
 
 
-# Compiled for the CPU, tap sums beat the oneDNN depth-wise conv on maps up to one image's stage-1 map at 224
-# (192 x 28 x 28 values), where the conv call's fixed costs dominate, and lose on large batches (BENCHMARKS.md).
+# Compiled for CPU inference, tap sums beat the oneDNN depth-wise conv on maps up to one image's stage-1 map at
+# 224 (192 x 28 x 28 values), where the conv call's fixed costs dominate, and lose on large batches (BENCHMARKS.md).
 TAPS_MAX_CPU_VALUES = 192 * 28 * 28
 
 
@@ -114,11 +114,12 @@ def depthwise_convs_in_float32(x: torch.Tensor) -> bool:
 
 def depthwise_convs_as_taps(x: torch.Tensor) -> bool:
     """Whether `Attention` computes its depth-wise projections of `x` with `depthwise_conv_taps`: when compiled for
-    a GPU, or compiled for the CPU with a map of at most `TAPS_MAX_CPU_VALUES` values. Inductor then fuses the taps
-    with the BatchNorm, the LayerNorm before and the layout change after into one pass over the tokens, where a
-    conv kernel is a pass of its own with copies to and from its layout. On the CPU the conv kernel is faster on
-    larger maps (BENCHMARKS.md)."""
-    return torch.compiler.is_compiling() and (x.is_cuda or x.numel() <= TAPS_MAX_CPU_VALUES)
+    a GPU, or compiled for CPU inference (gradients off) on a map of at most `TAPS_MAX_CPU_VALUES` values. Inductor
+    then fuses the taps with the BatchNorm, the LayerNorm before and the layout change after into one pass over the
+    tokens, where a conv kernel is a pass of its own with copies to and from its layout. On the CPU the conv kernel
+    is faster on larger maps, and the CPU training step was not measured with tap sums (BENCHMARKS.md)."""
+    small_cpu_inference = not torch.is_grad_enabled() and x.numel() <= TAPS_MAX_CPU_VALUES
+    return torch.compiler.is_compiling() and (x.is_cuda or small_cpu_inference)
 
 
 class Attention(nn.Module):
