@@ -94,8 +94,9 @@ class OneDNNLinear(nn.Linear):
 
     def _small_inference_product(self, x: torch.Tensor) -> bool:
         needs_grad = torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)
-        float32 = x.dtype == self.weight.dtype == torch.float32 and not torch.is_autocast_enabled("cpu")
-        return _HAS_ONEDNN and float32 and not needs_grad and x.shape[0] * x.shape[1] <= _MATMUL_MAX_ROWS
+        autocast = torch.is_autocast_enabled("cpu")
+        return (_HAS_ONEDNN and not needs_grad and not autocast and x.dtype == self.weight.dtype == torch.float32
+                and x.shape[0] * x.shape[1] <= _MATMUL_MAX_ROWS)
 
 
 def use_onednn_linears(model: nn.Module) -> nn.Module:
