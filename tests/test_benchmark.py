@@ -66,3 +66,20 @@ def test_benchmark_keeps_freed_memory_and_still_measures_peaks(tmp_path):
     for row in report["results"]:
         assert row["infer_img_s"] > 0 and row["train_img_s"] > 0
         assert row["infer_peak_mib"] is not None and row["train_peak_mib"] is not None
+
+
+def test_cpu_peak_memory_counts_what_the_buffer_cache_held_before_the_call():
+    # A process of its own: exact allocation tracking sets glibc's thresholds for the whole process.
+    script = "\n".join([
+        "import torch",
+        "from cvt.benchmark import _peak_memory_mib, _track_cpu_allocations_exactly",
+        "from cvt.fast import reuse_cpu_buffers",
+        "def call():",
+        "    with reuse_cpu_buffers():",
+        "        torch.ones(2**24)",  # 64 MiB
+        "call()",  # the cache now holds that buffer: a measured call must still count it
+        "_track_cpu_allocations_exactly()",
+        "print(_peak_memory_mib(call, torch.device('cpu')))",
+    ])
+    out = subprocess.run([sys.executable, "-c", script], check=True, capture_output=True, text=True).stdout
+    assert float(out.split()[-1]) >= 60

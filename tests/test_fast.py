@@ -1,6 +1,7 @@
 """Every fast path computes the same function as the plain model: eval and train, several resolutions, gradients."""
 import copy
 import os
+import resource
 import subprocess
 import sys
 
@@ -12,8 +13,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import cvt
 import cvt.fast
 from cvt.fast import (
-    ClassTokenBlock, OneDNNAttention, OneDNNLinear, compile_model, optimize_for_inference, use_onednn_attention,
-    use_onednn_linears,
+    ClassTokenBlock, OneDNNAttention, OneDNNLinear, compile_model, optimize_for_inference, release_cpu_buffers,
+    reuse_cpu_buffers, use_onednn_attention, use_onednn_linears,
 )
 from cvt.model import depthwise_conv_taps
 from helpers import TINY, official_model, randomize_batchnorm
@@ -254,6 +255,86 @@ def test_onednn_attention_that_cannot_be_built_warns_and_leaves_the_model(monkey
     with pytest.warns(UserWarning, match="could not be built .*Error building extension"):
         assert use_onednn_attention(model) is model
     assert not any(isinstance(m, OneDNNAttention) for m in model.modules())
+
+
+def held_cpu_buffer_bytes() -> int:
+    """What the buffer cache of `reuse_cpu_buffers` owns, idle or in use."""
+    return cvt.fast._buffer_cache().held_bytes()
+
+
+def test_reuse_cpu_buffers_hands_a_freed_buffer_to_the_next_allocation_of_its_size():
+    numel = 2**19  # 2 MiB of float32
+    release_cpu_buffers()
+    held_before = held_cpu_buffer_bytes()
+    with reuse_cpu_buffers():
+        first = torch.empty(numel)
+        address = first.data_ptr()
+        del first
+        again, other_size, small = torch.empty(numel), torch.empty(numel + 1), torch.empty(1000)
+        assert again.data_ptr() == address and other_size.data_ptr() != address
+    assert held_cpu_buffer_bytes() - held_before == 4 * (2 * numel + 1)  # the 4 KB tensor is glibc's
+    del again
+    outside = torch.empty(numel)  # outside a scope: the allocator the cache stands in front of
+    assert outside.data_ptr() != address and held_cpu_buffer_bytes() - held_before == 4 * (2 * numel + 1)
+
+
+def test_reuse_cpu_buffers_keeps_what_the_last_scope_used():
+    release_cpu_buffers()
+    held_before = held_cpu_buffer_bytes()
+    with reuse_cpu_buffers():
+        address = torch.empty(2**20).data_ptr()  # 4 MiB, freed at once
+        with reuse_cpu_buffers():
+            pass  # a nested scope frees nothing when it ends
+        assert torch.empty(2**20).data_ptr() == address
+    assert held_cpu_buffer_bytes() - held_before == 4 * 2**20
+    with reuse_cpu_buffers():
+        torch.empty(2**21)  # another size: the 4 MiB buffer, unused in this scope, is freed at its end
+    assert held_cpu_buffer_bytes() - held_before == 8 * 2**20
+    release_cpu_buffers()
+    assert held_cpu_buffer_bytes() == held_before
+
+
+def test_reuse_cpu_buffers_saves_the_page_faults_of_large_tensors():
+    def faults_of_a_fresh_64mib_tensor() -> int:
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        torch.empty(2**24).fill_(1.0)
+        return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+    outside = faults_of_a_fresh_64mib_tensor()  # glibc maps a block this large afresh and unmaps it when freed
+    with reuse_cpu_buffers():
+        first, again = faults_of_a_fresh_64mib_tensor(), faults_of_a_fresh_64mib_tensor()
+    assert outside >= 2**24 * 4 // 4096 and first >= 2**24 * 4 // 4096  # one fault per 4 KiB page
+    assert again < 100
+
+
+def test_model_outputs_under_reuse_cpu_buffers_are_exact_and_outlive_the_next_call():
+    model = use_onednn_attention(use_onednn_linears(optimize_for_inference(tiny_model())))
+    first, second = torch.randn(2, 64, 3, 64, 64)  # stage-0 maps of 1 MiB: buffers the cache keeps
+    with torch.no_grad():
+        expected = [model.forward_intermediates(x)[0][0] for x in (first, second)]
+        release_cpu_buffers()
+        got = []
+        for x in (first, second):
+            with reuse_cpu_buffers():
+                got.append(model.forward_intermediates(x)[0][0])
+    assert got[0].nbytes >= 2**20 and held_cpu_buffer_bytes() > 0
+    for output, reference in zip(got, expected):
+        torch.testing.assert_close(output, reference, atol=1e-6, rtol=0)
+
+
+def test_reuse_cpu_buffers_that_cannot_be_built_warns_and_does_nothing(monkeypatch):
+    def no_compiler(*args, **kwargs):
+        raise RuntimeError("Error building extension")
+
+    monkeypatch.setattr(torch.utils.cpp_extension, "load", no_compiler)
+    cvt.fast._buffer_cache.cache_clear()
+    try:
+        with pytest.warns(UserWarning, match="could not be built .*Error building extension"):
+            with reuse_cpu_buffers():
+                ones = torch.ones(2**20)
+        assert ones.sum() == 2**20
+    finally:
+        cvt.fast._buffer_cache.cache_clear()  # the next use builds (finds) the real one
 
 
 def test_sdpa_path_matches_the_reference_attention_with_gradients():

@@ -5,7 +5,8 @@ Four implementations of the same function:
 - `ours-eager`: the `CvT` model as it comes (eager PyTorch, `scaled_dot_product_attention`);
 - `ours-fast`: our fastest mode: for inference `optimize_for_inference(logits_only=True)` (BatchNorm folded,
   the last block computes the class token alone), oneDNN linears and attention on the CPU and `compile_model`
-  (`torch.compile(fullgraph=True)`, with CUDA graphs on CUDA); for training the unfused model with oneDNN
+  (`torch.compile(fullgraph=True)`, with CUDA graphs on CUDA), called inside `reuse_cpu_buffers()` on the CPU
+  (its large buffers kept between calls, not taken fresh from glibc); for training the unfused model with oneDNN
   linears and attention on the CPU, `compile_model` and fused AdamW;
 - `hf`: transformers' `CvtForImageClassification` holding the same weights (`cvt.weights.to_hf`);
 - `official-style`: `OfficialStyleCvT`, the official code's computation (einsum attention over a
@@ -15,13 +16,15 @@ Each is timed for inference throughput at a batch size, latency at batch 1 and a
 cross-entropy, backward, AdamW step). Calls are interleaved across implementations, repeated, and the median
 kept, so a machine shared with other work slows all of them alike. On the CPU, glibc's allocator hands large
 buffers back to the system on free, so a call may pay page faults for fresh memory, more or less depending on
-what ran before it; `keep_freed_memory=True` keeps every freed block in the process, as jemalloc or tcmalloc
-would, so that the timings measure the arithmetic alone. Peak memory is measured after the timing:
+what ran before it (`ours-fast` inference keeps its own buffers); `keep_freed_memory=True` keeps every freed block
+in the process, as jemalloc or tcmalloc would, so that the timings measure the arithmetic alone. Peak memory is
+measured after the timing:
 
 - CUDA: `torch.cuda.max_memory_allocated` during one call, minus what was allocated before it;
 - CPU: the process's resident-memory high-water mark (Linux `VmHWM`, reset through `/proc/self/clear_refs`)
   during one call, minus the resident memory before it; glibc is told to return freed blocks to the system
-  (`mallopt`, `malloc_trim`) so that memory freed earlier does not hide what a call allocates.
+  (`mallopt`, `malloc_trim`), and `release_cpu_buffers()` empties the cache of `ours-fast`, so that memory freed
+  earlier does not hide what a call allocates.
 """
 from __future__ import annotations
 
@@ -39,7 +42,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .fast import compile_model, move_to, optimize_for_inference
+from .fast import compile_model, move_to, optimize_for_inference, release_cpu_buffers, reuse_cpu_buffers
 from .files import write_atomic
 from .flops import count_macs
 from .model import CvT, Stage, create_model
@@ -130,7 +133,8 @@ def _inference_callables(model: CvT, modes: tuple[str, ...], dtype: torch.dtype,
             device = next(model.parameters()).device
             fast = move_to(optimize_for_inference(model, logits_only=model.global_pool == "token"), device)
             fast = fast.to(dtype)
-            fns[mode] = compile_model(fast, cuda_graphs=device.type == "cuda") if compile_fast else fast
+            fast = compile_model(fast, cuda_graphs=device.type == "cuda") if compile_fast else fast
+            fns[mode] = _reusing_cpu_buffers(fast) if device.type == "cpu" else fast
         elif mode == HF:
             from .weights import to_hf
 
@@ -139,6 +143,14 @@ def _inference_callables(model: CvT, modes: tuple[str, ...], dtype: torch.dtype,
         elif mode == OFFICIAL:
             fns[mode] = OfficialStyleCvT(copy.deepcopy(model)).eval().to(dtype)
     return fns
+
+
+def _reusing_cpu_buffers(fn: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
+    def call(x: torch.Tensor) -> torch.Tensor:
+        with reuse_cpu_buffers():
+            return fn(x)
+
+    return call
 
 
 def _training_step(module: nn.Module, logits_of: Callable[[torch.Tensor], torch.Tensor], fused_optimizer: bool,
@@ -226,6 +238,7 @@ def _proc_status_kib(field: str) -> int:
 
 def _release_freed_memory() -> None:
     gc.collect()
+    release_cpu_buffers()
     libc = ctypes.CDLL("libc.so.6")
     libc.malloc_trim(0)
 

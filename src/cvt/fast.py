@@ -1,4 +1,5 @@
-"""Fast paths: `optimize_for_inference`, `use_onednn_linears`, `use_onednn_attention` and `compile_model`.
+"""Fast paths: `optimize_for_inference`, `use_onednn_linears`, `use_onednn_attention`, `compile_model` and
+`reuse_cpu_buffers`.
 
 Fusing is a step after loading: weights load into the plain `CvT` (official names), then
 
@@ -15,11 +16,13 @@ float32 ones; bfloat16 and float16 too where the CPU has no AMX) and `compile_mo
 (`torch.compile(fullgraph=True)`; compiled for a GPU, and for CPU inference on small maps, the depth-wise convs
 become fused tap sums, see `cvt.model.depthwise_convs_as_taps`). Our fastest classifiers:
 
-- CPU: `compile_model(use_onednn_attention(use_onednn_linears(optimize_for_inference(m, logits_only=True))))`;
+- CPU: `compile_model(use_onednn_attention(use_onednn_linears(optimize_for_inference(m, logits_only=True))))`,
+  called inside `reuse_cpu_buffers()` (large buffers kept between calls instead of fresh pages from glibc);
 - GPU: `compile_model(optimize_for_inference(m, logits_only=True).to(torch.bfloat16), cuda_graphs=True)`.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import warnings
@@ -34,7 +37,7 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 from .model import Attention, CvT
 
 __all__ = ["optimize_for_inference", "use_onednn_linears", "use_onednn_attention", "move_to", "compile_model",
-           "ClassTokenBlock", "OneDNNLinear", "OneDNNAttention"]
+           "reuse_cpu_buffers", "release_cpu_buffers", "ClassTokenBlock", "OneDNNLinear", "OneDNNAttention"]
 
 
 # ATen's ConvParams::use_mkldnn never gives a single image of at most this many values to oneDNN in a 1x1
@@ -211,6 +214,60 @@ def move_to(model: nn.Module, device: torch.device) -> nn.Module:
     if device.type == "cpu":
         use_onednn_attention(use_onednn_linears(model))
     return model
+
+
+@functools.cache
+def _buffer_cache():
+    """Build csrc/buffer_cache.cpp and install it as PyTorch's CPU allocator (it passes every allocation made
+    outside a `reuse_cpu_buffers` scope through to the allocator it replaces); None, with a warning, where it cannot
+    be built or installed."""
+    from torch.utils.cpp_extension import load
+
+    source = Path(__file__).with_name("csrc") / "buffer_cache.cpp"
+    try:
+        cache = load(name="cvt_buffer_cache", sources=[str(source)], extra_cflags=["-O2"])
+    except (RuntimeError, OSError, ImportError) as error:
+        warnings.warn(f"cvt: the CPU buffer cache could not be built ({error}); reuse_cpu_buffers() does nothing. "
+                      "It needs a C++ compiler and ninja.", stacklevel=3)
+        return None
+    if not cache.install():
+        warnings.warn("cvt: another CPU allocator is installed; reuse_cpu_buffers() does nothing.", stacklevel=3)
+        return None
+    return cache
+
+
+@contextlib.contextmanager
+def reuse_cpu_buffers():
+    """Inside this scope, CPU tensors of 1 MiB or more are taken from a cache of freed ones of the same size and go
+    back to it when freed, in place of glibc's fresh memory.
+
+        with cvt.fast.reuse_cpu_buffers():
+            logits = fast(images)
+
+    glibc returns large freed blocks to the system, so each call of a model pays a page fault and a page clear for
+    every 4 KiB of its large activations again: on the CPU of BENCHMARKS.md 12-100 thousand faults and 4-15% of a
+    CvT-13 inference call at batch 16, which the cache removes. Between calls it holds what the last call used
+    (about the call's peak memory; blocks no allocation took during a scope are freed when it ends);
+    `release_cpu_buffers()` frees them. The scope is per thread and nests; tensors made inside it may live on
+    after it. Only CPU memory is concerned, and only inference gains: a training step keeps its activations for
+    the backward pass, and measured no faster. The cache (csrc/buffer_cache.cpp) is built on first use, once per
+    machine; where it cannot be, the scope does nothing.
+    """
+    cache = _buffer_cache()
+    if cache is None:
+        yield
+        return
+    cache.enter()
+    try:
+        yield
+    finally:
+        cache.leave()
+
+
+def release_cpu_buffers() -> None:
+    """Free the idle buffers that `reuse_cpu_buffers` keeps between calls."""
+    if _buffer_cache.cache_info().currsize and _buffer_cache() is not None:
+        _buffer_cache().release()
 
 
 def _fold_batchnorm(proj: nn.Sequential) -> nn.Sequential:
