@@ -8,7 +8,8 @@ later row has them too); on the CPU, oneDNN attention (`use_onednn_attention`) t
 (BatchNorm folded) with and without `logits_only`; `compile_model` on the unfused and the fused model; ours-fast,
 as `cvt benchmark` builds and calls it (the fused `logits_only` model compiled; on the CPU with oneDNN attention,
 called inside `reuse_cpu_buffers()`, on CUDA with CUDA graphs); the fused model compiled with inductor's layout
-optimisation left on.
+optimisation left on; on the CPU, ours-fast called without `reuse_cpu_buffers()` (what the cache saves: run it
+without `--keep-freed-memory`).
 Every variant is first checked against the plain model in float32: to 1e-4 absolute in float32, to 2e-2
 relative (norm of the difference over the norm of the logits) in bfloat16.
 
@@ -89,6 +90,7 @@ def main() -> None:
         reference = model(x)
     variants = {name: v.to(dtype) for name, v in variants_for(model, device, not args.no_compile).items()}
     if device.type == "cpu" and OURS_FAST in variants:
+        variants[f"{OURS_FAST} without reuse_cpu_buffers"] = variants[OURS_FAST]
         variants[OURS_FAST] = _reusing_cpu_buffers(variants[OURS_FAST])
     x = x.to(dtype)
     with torch.inference_mode():

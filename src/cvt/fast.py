@@ -245,8 +245,8 @@ def reuse_cpu_buffers():
             logits = fast(images)
 
     glibc returns large freed blocks to the system, so each call of a model pays a page fault and a page clear for
-    every 4 KiB of its large activations again: on the CPU of BENCHMARKS.md 12-100 thousand faults and 4-15% of a
-    CvT-13 inference call at batch 16, which the cache removes. Between calls it holds what the last call used
+    every 4 KiB of its large activations again: with glibc's defaults CvT-13's fastest CPU mode ran at 35.8 img/s
+    without the cache and 44.1 with it, its speed with every freed block kept (BENCHMARKS.md). Between calls it holds what the last call used
     (about the call's peak memory; blocks no allocation took during a scope are freed when it ends);
     `release_cpu_buffers()` frees them. The scope is per thread and nests; tensors made inside it may live on
     after it. Only CPU memory is concerned, and only inference gains: a training step keeps its activations for

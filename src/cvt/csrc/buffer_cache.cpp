@@ -2,8 +2,8 @@
 //
 // glibc gives large freed blocks back to the system (those above its mmap threshold at once, the top of its heap
 // above its trim threshold), so a model call that allocates the same large tensors as the call before pays a
-// page fault and a page clear for every 4 KiB of them again: 12-100 thousand faults, 4-15% of a CvT-13 CPU call
-// at batch 16 (BENCHMARKS.md). This allocator wraps PyTorch's CPU allocator for the whole process but keeps
+// page fault and a page clear for every 4 KiB of them again (about a fifth of a CvT-13 CPU call at batch 16 with
+// glibc's defaults: BENCHMARKS.md). This allocator wraps PyTorch's CPU allocator for the whole process but keeps
 // blocks only for allocations made inside a scope (`enter` ... `leave`, per thread): a freed block goes back to
 // the cache, and a later allocation of the same size in a scope takes it. Everything else passes through.
 //
