@@ -1,5 +1,6 @@
 """The training engine on tiny data: the default run, recipes, exact resume, divergence, accumulation,
 fine-tuning from a checkpoint made by `cvt train`."""
+import contextlib
 import json
 import math
 import sys
@@ -8,9 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 
+import cvt.fast
 from cvt import engine
-from cvt.engine import DEFAULTS, build_model, load_config, read_training_checkpoint, train
+from cvt.engine import DEFAULTS, build_model, evaluate, load_config, read_training_checkpoint, train
 from cvt.cli import main
+from cvt.model import CvT
+from helpers import TINY
 from test_data import write_cifar, write_corrupt_imagefolder
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
@@ -280,3 +284,37 @@ def test_finetuning_from_a_cvt_train_checkpoint_replaces_the_head_and_the_loss_f
     assert len(losses) == 12 and losses[-1] < losses[0] - 0.2
     saved = read_training_checkpoint(tmp_path / "run" / "last.pth")
     assert saved["pretrained_cfg"]["label_names"][:2] == ["class_0", "class_1"]
+
+
+def recording_cpu_buffer_scopes(monkeypatch) -> list[tuple[bool, int]]:
+    """Make the engine's `reuse_cpu_buffers` scopes record, as each ends, whether it was enabled and what the
+    buffer cache then held."""
+    scopes, real = [], engine.reuse_cpu_buffers
+
+    @contextlib.contextmanager
+    def recording(enabled=True):
+        with real(enabled):
+            yield
+        scopes.append((enabled, cvt.fast._buffer_cache().held_bytes()))
+
+    monkeypatch.setattr(engine, "reuse_cpu_buffers", recording)
+    return scopes
+
+
+def test_cpu_evaluation_reuses_buffers_from_batch_to_batch_and_frees_them_at_the_end(monkeypatch):
+    model = CvT(num_classes=10, **TINY)
+    batches = [(torch.randn(64, 3, 64, 64), torch.randint(0, 10, (64,)), 0) for _ in range(3)]
+    expected = evaluate(model, batches, torch.device("cpu"))
+    cvt.fast.release_cpu_buffers()
+    held_before = cvt.fast._buffer_cache().held_bytes()
+    scopes = recording_cpu_buffer_scopes(monkeypatch)
+    assert evaluate(model, batches, torch.device("cpu")) == expected
+    assert len(scopes) == 3 and all(enabled and held > held_before for enabled, held in scopes)
+    assert cvt.fast._buffer_cache().held_bytes() == held_before
+
+
+def test_cpu_training_steps_run_in_reused_buffers(tmp_path, monkeypatch):
+    scopes = recording_cpu_buffer_scopes(monkeypatch)
+    summary = tiny(tmp_path, "train.epochs=1", "data.val_fraction=0.5", "train.micro_batch_size=32")
+    assert all(enabled for enabled, _ in scopes)
+    assert len(scopes) > 2 * summary["steps"]  # two micro-batches a step, then the evaluation's batches

@@ -36,7 +36,7 @@ from torch.utils.data import DataLoader, Subset
 from torch.utils.data.distributed import DistributedSampler
 
 from .data import build_datasets, build_eval_dataset, collate_skipping, eval_crop
-from .fast import compile_model, move_to
+from .fast import compile_model, move_to, release_cpu_buffers, reuse_cpu_buffers
 from .files import copy_atomic, save_atomic, write_atomic, yaml_load
 from .flops import count_params
 from .model import ZOO, create_model, unknown_model_error
@@ -306,19 +306,22 @@ def build_model(model_cfg: dict, num_classes: int) -> tuple[nn.Module, dict[str,
 def evaluate(model: nn.Module, loader: DataLoader, device: torch.device,
              amp_dtype: torch.dtype | None = None) -> dict[str, float]:
     """Top-1 and top-5 (%) and mean cross-entropy over the loader, summed over all processes (each holds its own
-    shard of the held-out set, so nothing is counted twice)."""
+    shard of the held-out set, so nothing is counted twice). On the CPU each batch reuses the buffers of the one
+    before (`reuse_cpu_buffers`), which are freed at the end."""
     model.eval()
     # Sums on the device (loss, top-1, top-5) and counts on the host: a host-to-device copy per batch would wait.
     totals, images_seen, skipped_seen = torch.zeros(3, dtype=torch.float64, device=device), 0, 0
     for images, targets, skipped in loader:
         images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
-        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+        with (reuse_cpu_buffers(enabled=device.type == "cpu"),
+              torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)):
             logits = model(images)
         logits = logits.float()
         top = logits.topk(min(5, logits.shape[1]), dim=1).indices == targets[:, None]
         totals += torch.stack([F.cross_entropy(logits, targets, reduction="sum").double(),
                                top[:, 0].sum().double(), top.any(dim=1).sum().double()])
         images_seen, skipped_seen = images_seen + len(targets), skipped_seen + skipped
+    release_cpu_buffers()
     totals = torch.cat([totals, totals.new_tensor([images_seen, skipped_seen])])
     loss, top1, top5, n, skipped = all_reduce_sum(totals).tolist()
     if n == 0:
@@ -516,8 +519,10 @@ def train(config: dict, output_dir: str | os.PathLike) -> dict[str, Any]:
                     images, targets = images[:-1], targets[:-1]
                 images, targets = mixup(images, targets)
             update = (i + 1) % accum == 0
-            # Accumulated micro-batches skip DDP's gradient all-reduce; the last one of each step does it.
-            with nullcontext() if update or world == 1 else train_model.no_sync():
+            # Accumulated micro-batches skip DDP's gradient all-reduce; the last one of each step does it. On the
+            # CPU the activations and gradients reuse the buffers of the micro-batch before.
+            with (nullcontext() if update or world == 1 else train_model.no_sync(),
+                  reuse_cpu_buffers(enabled=device.type == "cpu")):
                 with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                     loss = criterion(train_model(images), targets)
                 scaler.scale(loss / accum).backward()

@@ -237,23 +237,23 @@ def _buffer_cache():
 
 
 @contextlib.contextmanager
-def reuse_cpu_buffers():
+def reuse_cpu_buffers(enabled: bool = True):
     """Inside this scope, CPU tensors of 1 MiB or more are taken from a cache of freed ones of the same size and go
-    back to it when freed, in place of glibc's fresh memory.
+    back to it when freed, in place of glibc's fresh memory. `enabled=False` makes it a no-op (as for autocast).
 
         with cvt.fast.reuse_cpu_buffers():
             logits = fast(images)
 
-    glibc returns large freed blocks to the system, so each call of a model pays a page fault and a page clear for
-    every 4 KiB of its large activations again: with glibc's defaults CvT-13's fastest CPU mode ran at 35.8 img/s
-    without the cache and 44.1 with it, its speed with every freed block kept (BENCHMARKS.md). Between calls it holds what the last call used
-    (about the call's peak memory; blocks no allocation took during a scope are freed when it ends);
-    `release_cpu_buffers()` frees them. The scope is per thread and nests; tensors made inside it may live on
-    after it. Only CPU memory is concerned, and only inference gains: a training step keeps its activations for
-    the backward pass, and measured no faster. The cache (csrc/buffer_cache.cpp) is built on first use, once per
-    machine; where it cannot be, the scope does nothing.
+    glibc returns large freed blocks to the system, so each call of a model pays a page fault and a page clear
+    for every 4 KiB of its large activations again: with glibc's defaults CvT-13's fastest CPU mode ran at 35.8
+    img/s without the cache and 44.1 with it, its speed with every freed block kept (BENCHMARKS.md). A training
+    step gains too (forward, backward and optimizer step in the scope). Between calls the cache holds what the
+    last call used, about the call's peak memory (blocks no allocation took during a scope are freed when it
+    ends); `release_cpu_buffers()` frees them. The scope is per thread and nests; tensors made inside it may
+    live on after it. Only CPU memory is concerned. The cache (csrc/buffer_cache.cpp) is built on first use,
+    once per machine; where it cannot be, the scope does nothing.
     """
-    cache = _buffer_cache()
+    cache = _buffer_cache() if enabled else None
     if cache is None:
         yield
         return
