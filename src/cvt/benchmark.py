@@ -5,9 +5,9 @@ Four implementations of the same function:
 - `ours-eager`: the `CvT` model as it comes (eager PyTorch, `scaled_dot_product_attention`);
 - `ours-fast`: our fastest mode: for inference `optimize_for_inference(logits_only=True)` (BatchNorm folded,
   the last block computes the class token alone), oneDNN linears and attention on the CPU and `compile_model`
-  (`torch.compile(fullgraph=True)`, with CUDA graphs on CUDA); for training the unfused model with oneDNN
-  linears and attention on the CPU, `compile_model` and fused AdamW; on the CPU both called inside
-  `reuse_cpu_buffers()` (their large buffers kept between calls, not taken fresh from glibc);
+  (`torch.compile(fullgraph=True)`, with CUDA graphs on CUDA), called inside `reuse_cpu_buffers()` on the CPU
+  (its large buffers kept between calls, not taken fresh from glibc); for training the unfused model with oneDNN
+  linears and attention on the CPU, `compile_model` and fused AdamW;
 - `hf`: transformers' `CvtForImageClassification` holding the same weights (`cvt.weights.to_hf`);
 - `official-style`: `OfficialStyleCvT`, the official code's computation (einsum attention over a
   materialised score matrix, separate q/k/v convolutions and norms, einops-style reshapes) on the same weights.
@@ -16,7 +16,7 @@ Each is timed for inference throughput at a batch size, latency at batch 1 and a
 cross-entropy, backward, AdamW step). Calls are interleaved across implementations, repeated, and the median
 kept, so a machine shared with other work slows all of them alike. On the CPU, glibc's allocator hands large
 buffers back to the system on free, so a call may pay page faults for fresh memory, more or less depending on
-what ran before it (`ours-fast` keeps its own buffers); `keep_freed_memory=True` keeps every freed block
+what ran before it (`ours-fast` inference keeps its own buffers); `keep_freed_memory=True` keeps every freed block
 in the process, as jemalloc or tcmalloc would, so that the timings measure the arithmetic alone. Peak memory is
 measured after the timing:
 
@@ -154,8 +154,8 @@ def _reusing_cpu_buffers(fn: Callable[[torch.Tensor], torch.Tensor]) -> Callable
 
 
 def _training_step(module: nn.Module, logits_of: Callable[[torch.Tensor], torch.Tensor], fused_optimizer: bool,
-                   compile_step: bool, autocast_dtype: torch.dtype | None, device: torch.device,
-                   cpu_buffers: bool = False) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+                   compile_step: bool, autocast_dtype: torch.dtype | None, device: torch.device
+                   ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """One optimisation step; it returns the loss as a tensor, so nothing waits on the device."""
     module.train()
     optimizer = torch.optim.AdamW(module.parameters(), lr=1e-4, weight_decay=0.05,
@@ -163,10 +163,9 @@ def _training_step(module: nn.Module, logits_of: Callable[[torch.Tensor], torch.
     forward = compile_model(logits_of) if compile_step else logits_of
 
     def step(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        with reuse_cpu_buffers(enabled=cpu_buffers):
-            with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
-                loss = F.cross_entropy(forward(x), y)
-            loss.backward()
+        with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+            loss = F.cross_entropy(forward(x), y)
+        loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         return loss.detach()
@@ -184,8 +183,7 @@ def _training_callables(model: CvT, modes: tuple[str, ...], dtype: torch.dtype, 
             steps[mode] = _training_step(ours, ours, False, False, autocast_dtype, device)
         elif mode == FAST:
             ours = move_to(copy.deepcopy(model), device)
-            steps[mode] = _training_step(ours, ours, True, compile_fast, autocast_dtype, device,
-                                         cpu_buffers=device.type == "cpu")
+            steps[mode] = _training_step(ours, ours, True, compile_fast, autocast_dtype, device)
         elif mode == HF:
             from .weights import to_hf
 

@@ -519,10 +519,8 @@ def train(config: dict, output_dir: str | os.PathLike) -> dict[str, Any]:
                     images, targets = images[:-1], targets[:-1]
                 images, targets = mixup(images, targets)
             update = (i + 1) % accum == 0
-            # Accumulated micro-batches skip DDP's gradient all-reduce; the last one of each step does it. On the
-            # CPU the activations and gradients reuse the buffers of the micro-batch before.
-            with (nullcontext() if update or world == 1 else train_model.no_sync(),
-                  reuse_cpu_buffers(enabled=device.type == "cpu")):
+            # Accumulated micro-batches skip DDP's gradient all-reduce; the last one of each step does it.
+            with nullcontext() if update or world == 1 else train_model.no_sync():
                 with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                     loss = criterion(train_model(images), targets)
                 scaler.scale(loss / accum).backward()

@@ -246,12 +246,15 @@ def reuse_cpu_buffers(enabled: bool = True):
 
     glibc returns large freed blocks to the system, so each call of a model pays a page fault and a page clear
     for every 4 KiB of its large activations again: with glibc's defaults CvT-13's fastest CPU mode ran at 35.8
-    img/s without the cache and 44.1 with it, its speed with every freed block kept (BENCHMARKS.md). A training
-    step gains too (forward, backward and optimizer step in the scope). Between calls the cache holds what the
-    last call used, about the call's peak memory (blocks no allocation took during a scope are freed when it
-    ends); `release_cpu_buffers()` frees them. The scope is per thread and nests; tensors made inside it may
-    live on after it. Only CPU memory is concerned. The cache (csrc/buffer_cache.cpp) is built on first use,
-    once per machine; where it cannot be, the scope does nothing.
+    img/s without the cache and 44.1 with it, its speed with every freed block kept (BENCHMARKS.md). Between
+    calls the cache holds what the last call used, about the call's peak memory (blocks no allocation took
+    during a scope are freed when it ends); `release_cpu_buffers()` frees them. The scope is per thread and
+    nests; tensors made inside it may live on after it. Only CPU memory is concerned. The cache
+    (csrc/buffer_cache.cpp) is built on first use, once per machine; where it cannot be, the scope does nothing.
+
+    It is for inference. A buffer serves only tensors of its own size, so in a training step the activations
+    freed during the backward pass cannot hold the gradients, which glibc would place there: the peak memory of
+    a CvT-13 training step of 16 images on the CPU rose by 160-260 MiB in it (BENCHMARKS.md).
     """
     cache = _buffer_cache() if enabled else None
     if cache is None:

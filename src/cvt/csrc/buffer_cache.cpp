@@ -15,6 +15,7 @@
 #include <pybind11/pybind11.h>
 
 #include <cstdint>
+#include <iterator>
 #include <mutex>
 #include <unordered_map>
 #include <vector>
@@ -62,18 +63,19 @@ class BufferCache final : public c10::Allocator {
 
   void free_idle(int64_t used_before) {
     std::lock_guard<std::mutex> lock(mutex_);
-    for (auto& [bytes, idle] : idle_) {
+    for (auto idle = idle_.begin(); idle != idle_.end();) {
       std::vector<void*> kept;
-      for (void* data : idle) {
+      for (void* data : idle->second) {
         if (blocks_.at(data).last_used < used_before) {
           c10::free_cpu(data);
           blocks_.erase(data);
-          held_bytes_ -= bytes;
+          held_bytes_ -= idle->first;
         } else {
           kept.push_back(data);
         }
       }
-      idle.swap(kept);
+      idle->second.swap(kept);
+      idle = idle->second.empty() ? idle_.erase(idle) : std::next(idle);
     }
   }
 
