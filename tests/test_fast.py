@@ -68,13 +68,19 @@ def test_logits_only_computes_the_class_token_alone_in_the_last_block(size):
     fast = optimize_for_inference(model, logits_only=True)
     assert isinstance(fast.stage2.blocks[-1], ClassTokenBlock)
     x = torch.randn(3, 3, *size)
+    last_attention, query_rows = fast.stage2.blocks[-1].attn, []
+    last_attention.conv_proj_q.register_forward_hook(lambda *_: query_rows.append("the map's queries"))
+    last_attention.proj_q.register_forward_hook(lambda module, args, out: query_rows.append(args[0].shape[1]))
     with torch.no_grad():
         _, expected_cls = model.forward_intermediates(x)
         _, cls_token = fast.forward_intermediates(x)
         torch.testing.assert_close(fast(x), model(x), atol=1e-4, rtol=0)
     torch.testing.assert_close(cls_token, expected_cls, atol=1e-4, rtol=0)
+    assert query_rows == [1, 1]  # the class token's query alone, in each of the two calls
     with pytest.raises(ValueError, match="reads the class token"):
         optimize_for_inference(tiny_model(cls_token=False), logits_only=True)
+    with pytest.raises(ValueError, match="class_query_only needs a class token"):
+        model.stage0.blocks[0].attn.qkv(torch.zeros(1, 16, 16), 4, 4, class_query_only=True)
 
 
 def test_optimize_for_inference_without_qkv_bias_and_rejects_other_modules():
@@ -410,18 +416,29 @@ def test_depthwise_conv_taps_is_the_depthwise_conv(kernel, stride, padding, size
         depthwise_conv_taps(nn.Conv2d(6, 12, 3, groups=6), x)
 
 
-class DepthwiseConvDtypes(TorchDispatchMode):
-    """Records the input dtype of every depth-wise convolution, forward and backward, that reaches ATen."""
+class DepthwiseConvs(TorchDispatchMode):
+    """Records every depth-wise convolution, forward and backward, that reaches ATen: its name and input dtype, and
+    for the forward ones whether the input is dense (a tensor the kernel need not copy first)."""
 
     def __init__(self):
         super().__init__()
-        self.dtypes = []
+        self.dtypes, self.dense_inputs = [], []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         groups_at = {torch.ops.aten.convolution.default: 8, torch.ops.aten.convolution_backward.default: 9}.get(func)
         if groups_at is not None and args[groups_at] > 1:
             self.dtypes.append((func.overloadpacket.__name__, args[1].dtype))
+            if func is torch.ops.aten.convolution.default:
+                x = args[0]
+                self.dense_inputs.append(x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last))
         return func(*args, **(kwargs or {}))
+
+
+def test_depthwise_projections_get_dense_maps_past_the_class_token():
+    model = tiny_model().eval()
+    with DepthwiseConvs() as recorded, torch.no_grad():
+        model(torch.randn(2, 3, 48, 48))
+    assert len(recorded.dense_inputs) == 3 * sum(TINY["depths"]) and all(recorded.dense_inputs)
 
 
 @pytest.mark.parametrize("setting", ["autocast", "bfloat16 model"])
@@ -434,13 +451,13 @@ def test_depthwise_projections_run_in_float32_in_cpu_bfloat16(setting):
     expected = nn.functional.cross_entropy(copy.deepcopy(model)(x), y)
     if setting == "bfloat16 model":
         model, x = model.bfloat16(), x.bfloat16()
-    with DepthwiseConvDtypes() as recorded, torch.autocast("cpu", torch.bfloat16, enabled=setting == "autocast"):
+    with DepthwiseConvs() as recorded, torch.autocast("cpu", torch.bfloat16, enabled=setting == "autocast"):
         loss = nn.functional.cross_entropy(model(x), y)
     with recorded:
         loss.backward()
     assert {name for name, _ in recorded.dtypes} == {"convolution", "convolution_backward"}
     assert {dtype for _, dtype in recorded.dtypes} == {torch.float32}
     torch.testing.assert_close(loss.float(), expected, atol=0, rtol=2e-2)
-    with DepthwiseConvDtypes() as recorded, torch.no_grad(), torch.autocast("cpu", torch.bfloat16):
+    with DepthwiseConvs() as recorded, torch.no_grad(), torch.autocast("cpu", torch.bfloat16):
         model(x)
     assert {dtype for _, dtype in recorded.dtypes} == {torch.bfloat16}

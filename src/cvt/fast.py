@@ -228,10 +228,10 @@ def _buffer_cache():
         cache = load(name="cvt_buffer_cache", sources=[str(source)], extra_cflags=["-O2"])
     except (RuntimeError, OSError, ImportError) as error:
         warnings.warn(f"cvt: the CPU buffer cache could not be built ({error}); reuse_cpu_buffers() does nothing. "
-                      "It needs a C++ compiler and ninja.", stacklevel=3)
+                      "It needs a C++ compiler and ninja.", stacklevel=4)
         return None
     if not cache.install():
-        warnings.warn("cvt: another CPU allocator is installed; reuse_cpu_buffers() does nothing.", stacklevel=3)
+        warnings.warn("cvt: another CPU allocator is installed; reuse_cpu_buffers() does nothing.", stacklevel=4)
         return None
     return cache
 
@@ -281,8 +281,8 @@ def _fold_batchnorm(proj: nn.Sequential) -> nn.Sequential:
 class ClassTokenBlock(nn.Module):
     """The last block of a classifier that reads the class token alone: only the class token is computed.
 
-    Keys and values still come from every token, but the attention output, its projection and the MLP are the
-    class token's only (one row instead of 1 + H*W); the other tokens leave the block as they entered it.
+    Keys and values still come from every token, but the query, the attention output, its projection and the MLP
+    are the class token's only (one row instead of 1 + H*W); the other tokens leave the block as they entered it.
     """
 
     def __init__(self, block: nn.Module):
@@ -290,8 +290,8 @@ class ClassTokenBlock(nn.Module):
         self.norm1, self.attn, self.norm2, self.mlp = block.norm1, block.attn, block.norm2, block.mlp
 
     def forward(self, x: torch.Tensor, h: int, w: int) -> torch.Tensor:
-        q, k, v = self.attn.qkv(self.norm1(x), h, w)
-        attended = self.attn.attend(q[:, :, :1], k, v)
+        q, k, v = self.attn.qkv(self.norm1(x), h, w, class_query_only=True)
+        attended = self.attn.attend(q, k, v)
         cls_token = x[:, :1] + self.attn.proj(attended.transpose(1, 2).flatten(2))
         cls_token = cls_token + self.mlp(self.norm2(cls_token))
         return torch.cat((cls_token, x[:, 1:]), dim=1)

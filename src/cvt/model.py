@@ -178,16 +178,23 @@ class Attention(nn.Module):
             x = proj.conv(x_map)
         return (proj.bn(x) if hasattr(proj, "bn") else x).flatten(2).transpose(1, 2)
 
-    def qkv(self, x: torch.Tensor, h: int, w: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """q, k, v as (B, heads, tokens, head_dim), class token first where there is one."""
+    def qkv(self, x: torch.Tensor, h: int, w: int, class_query_only: bool = False
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q, k, v as (B, heads, tokens, head_dim), class token first where there is one; with `class_query_only`
+        the class token's q alone (`cvt.fast.ClassTokenBlock`)."""
         if self.with_cls_token:
             cls_token, x = x[:, :1], x[:, 1:]
+        elif class_query_only:
+            raise ValueError("class_query_only needs a class token (with_cls_token=True)")
         x_map = x.transpose(1, 2).unflatten(2, (h, w))
-        q = self._project(self.conv_proj_q, x_map, x)
+        if self.with_cls_token and not depthwise_convs_as_taps(x_map):
+            # Past the class token the map is not a dense view; copied once here rather than by each conv kernel.
+            x_map = x_map.contiguous(memory_format=torch.channels_last)
+        q = None if class_query_only else self._project(self.conv_proj_q, x_map, x)
         k = self._project(self.conv_proj_k, x_map, x)
         v = self._project(self.conv_proj_v, x_map, x)
         if self.with_cls_token:
-            q, k, v = (torch.cat((cls_token, t), dim=1) for t in (q, k, v))
+            q, k, v = (cls_token if t is None else torch.cat((cls_token, t), dim=1) for t in (q, k, v))
         q = self.proj_q(q).unflatten(-1, (self.num_heads, -1)).transpose(1, 2)
         k = self.proj_k(k).unflatten(-1, (self.num_heads, -1)).transpose(1, 2)
         v = self.proj_v(v).unflatten(-1, (self.num_heads, -1)).transpose(1, 2)
