@@ -245,8 +245,8 @@ def reuse_cpu_buffers(enabled: bool = True):
             logits = fast(images)
 
     glibc returns large freed blocks to the system, so each call of a model pays a page fault and a page clear
-    for every 4 KiB of its large activations again: with glibc's defaults CvT-13's fastest CPU mode ran at 35.8
-    img/s without the cache and 44.1 with it, its speed with every freed block kept (BENCHMARKS.md). Between
+    for every 4 KiB of its large activations again: with glibc's defaults CvT-13's fastest CPU mode ran at 33.2
+    img/s without the cache and 42.2 with it, its speed with every freed block kept (BENCHMARKS.md). Between
     calls the cache holds what the last call used, about the call's peak memory (blocks no allocation took
     during a scope are freed when it ends); `release_cpu_buffers()` frees them. The scope is per thread and
     nests; tensors made inside it may live on after it. Only CPU memory is concerned. The cache
