@@ -187,8 +187,9 @@ class Attention(nn.Module):
         elif class_query_only:
             raise ValueError("class_query_only needs a class token (with_cls_token=True)")
         x_map = x.transpose(1, 2).unflatten(2, (h, w))
-        if self.with_cls_token and not depthwise_convs_as_taps(x_map):
-            # Past the class token the map is not a dense view; copied once here rather than by each conv kernel.
+        if self.with_cls_token and self.conv_proj_k is not None and not depthwise_convs_as_taps(x_map):
+            # Past the class token the map is not a dense view; copied once here rather than by each conv or pool
+            # that reads it (the position-wise `linear` projections read the tokens, not the map).
             x_map = x_map.contiguous(memory_format=torch.channels_last)
         q = None if class_query_only else self._project(self.conv_proj_q, x_map, x)
         k = self._project(self.conv_proj_k, x_map, x)
