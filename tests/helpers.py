@@ -6,12 +6,12 @@ import torch
 from safetensors.torch import load_file
 
 from cvt.model import CvT
-from cvt.weights import cvt_kwargs_from_official_spec, load_weights
+from cvt.model import cvt_kwargs_from_official_spec, load_weights
 
 # CvT-13's layout at widths 16/32/48: every code path, in milliseconds.
 TINY = dict(embed_dims=(16, 32, 48), depths=(1, 1, 2), num_heads=(1, 2, 3))
-# ../shared beside the repository, for a developer and for CI alike.
-FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "official"
+# Golden outputs of the official implementation, kept with the tests (tests/fixtures/official/README.md).
+FIXTURES = Path(__file__).resolve().parent / "fixtures" / "official"
 
 
 def randomize_batchnorm(model: torch.nn.Module) -> torch.nn.Module:

@@ -69,6 +69,26 @@ def test_torchscript_matches_pytorch_at_any_batch_and_size(tmp_path):
         assert_matches(lambda x: scripted(x).numpy(), model)
 
 
+@pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
+def test_an_accelerated_model_exports_and_matches_the_plain_one(tmp_path, fmt):
+    model = tiny_model()
+    fast = cvt.optimize_for_inference(model)  # compiled: the export looks through the wrapper
+    path = tmp_path / f"fast.{fmt}"
+    assert export_model(fast, path, fmt).passed
+    if fmt == "onnx":
+        import onnxruntime
+
+        session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        run = lambda x: session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]  # noqa: E731
+    else:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            scripted = torch.jit.load(str(path))
+        run = lambda x: scripted(x).numpy()  # noqa: E731
+    with torch.no_grad():
+        assert_matches(run, model)
+
+
 def test_failed_check_leaves_nothing_behind(tmp_path):
     path = tmp_path / "tiny.pt"
     with pytest.raises(ValueError, match="does not reproduce the PyTorch outputs"):

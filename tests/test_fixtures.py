@@ -1,11 +1,11 @@
-"""Golden outputs of the official implementation (../shared/fixtures/official), reproduced after loading its
+"""Golden outputs of the official implementation (tests/fixtures/official), reproduced after loading its
 state dict through our loader: logits, every stage map and the final class token, with both attention paths."""
 import json
 
 import pytest
 import torch
 
-from cvt.weights import cvt_kwargs_from_official_spec
+from cvt.model import cvt_kwargs_from_official_spec
 from helpers import FIXTURES, official_model
 
 INPUTS = ("x_64x64", "x_72x56")

@@ -49,7 +49,7 @@ def test_counting_leaves_the_model_unchanged():
     model.train()
     count_macs(model, (40, 24))
     assert model.training
-    assert "qkv" not in vars(model.stage0.blocks[0].attn)
+    assert "attend" not in vars(model.stage0.blocks[0].attn)
     model.eval()
     torch.testing.assert_close(model(x), before)
 

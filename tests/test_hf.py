@@ -6,8 +6,9 @@ import torch
 from transformers import CvtConfig, CvtForImageClassification
 
 import cvt
-from cvt.model import CvT, _per_stage
-from cvt.weights import _HF_CONFIG_NAMES, _rename, from_hf, load_checkpoint, save_hf, to_hf
+from cvt.hf import from_hf, save_hf, to_hf
+from cvt.model import CvT, _per_stage, model_from_checkpoint
+from cvt.weights import _HF_CONFIG_NAMES, _rename, load_checkpoint
 from helpers import randomize_batchnorm
 
 # transformers' CvtStage indexes drop-path rates by stage number, so it needs depths[i] > i.
@@ -106,8 +107,9 @@ def test_hf_directory_with_only_non_default_fields(tmp_path):
     (tmp_path / "hf" / "config.json").write_text('{"model_type": "cvt", "embed_dim": [16, 32, 48], '
                                                   '"num_heads": [1, 2, 3], "depth": [1, 4, 16]}')
     checkpoint = load_checkpoint(tmp_path / "hf")
-    assert checkpoint.model_args["depths"] == [1, 4, 16] and checkpoint.model_args["stride_kv"] == 2
+    assert checkpoint.model_args["depths"] == [1, 4, 16] and "stride_kv" not in checkpoint.model_args
     assert checkpoint.num_classes == 4
+    assert model_from_checkpoint(checkpoint).config["stride_kv"] == 2
     again = cvt.create_model("cvt_21_224", pretrained=tmp_path / "hf").eval()
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():

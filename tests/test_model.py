@@ -4,7 +4,7 @@ import timm
 import torch
 
 import cvt
-from cvt.model import CvT
+from cvt.model import CvT, resize_pos_embed
 from helpers import TINY, randomize_batchnorm
 
 
@@ -73,8 +73,8 @@ def test_position_embedding_is_resized_bicubic():
     model = tiny(pos_embed=True, img_size=64).eval()
     stage = model.stage0
     assert stage.pos_embed.shape == (1, 16 * 16, 16)
-    assert stage.resized_pos_embed(16, 16) is stage.pos_embed
-    resized = stage.resized_pos_embed(20, 12)
+    assert resize_pos_embed(stage.pos_embed, stage.pos_embed_grid, 16, 16) is stage.pos_embed
+    resized = resize_pos_embed(stage.pos_embed, stage.pos_embed_grid, 20, 12)
     assert resized.shape == (1, 20 * 12, 16)
     grid = stage.pos_embed.transpose(1, 2).unflatten(2, (16, 16))
     expected = torch.nn.functional.interpolate(grid, size=(20, 12), mode="bicubic", align_corners=False)
@@ -225,3 +225,20 @@ def test_bad_options_are_clear_errors():
         tiny(act_layer="relu")
     with pytest.raises(ValueError, match="not divisible"):
         cvt.create_model("cvt_13_224", embed_dims=(16, 32, 50), depths=(1, 1, 1), num_heads=(1, 2, 3))
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")
+@pytest.mark.parametrize("options", [{}, {"proj_method": "avg"}, {"proj_method": "linear"}, {"pos_embed": True},
+                                     {"cls_token": False}])
+def test_the_model_scripts_and_traces(options):
+    """timm's model tests script (`torch.jit.script`) and trace (`torch.fx`) every model: the reference has no
+    speed predicates that either would trip on."""
+    model = tiny(**options).eval()
+    x = torch.randn(2, 3, 72, 56)
+    with torch.no_grad():
+        expected = model(x)
+        torch.testing.assert_close(torch.jit.script(model)(x), expected, atol=1e-5, rtol=0)
+        traced = torch.fx.symbolic_trace(model)
+        torch.testing.assert_close(traced(x), expected, atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="expected 3 input channels"):
+        traced(torch.randn(1, 1, 64, 64))  # the input check is kept in the graph

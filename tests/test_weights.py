@@ -11,9 +11,8 @@ from safetensors.torch import save_file
 
 import cvt
 from cvt.cli import main
-from cvt.weights import (
-    Checkpoint, _rename, load_checkpoint, load_state_dict, load_weights, model_from_checkpoint, save_pretrained,
-)
+from cvt.model import load_state_dict, load_weights, model_from_checkpoint
+from cvt.weights import Checkpoint, _rename, load_checkpoint, save_pretrained
 from helpers import TINY, randomize_batchnorm
 X = torch.randn(2, 3, 48, 40)
 
@@ -81,8 +80,7 @@ def test_hf_config_of_another_zoo_model_names_the_right_call():
     arch = dict(embed_dims=[64, 192, 384], depths=[1, 4, 16], num_heads=[1, 3, 6])
     checkpoint = Checkpoint({}, "hf-dir", "hf", arch)
     with pytest.raises(ValueError, match="holds cvt_21_224 / cvt_21_384 weights, not cvt_13_224"):
-        load_checkpoint(checkpoint, expect_model="cvt_13_224")
-    assert load_checkpoint(checkpoint, expect_model="cvt_21_384") is checkpoint
+        model_from_checkpoint(checkpoint, "cvt_13_224")
 
 
 def test_load_weights_into_a_model_built_directly(tmp_path, source):

@@ -2,9 +2,10 @@
 
     import cvt
     model = cvt.create_model("cvt_13_224", pretrained="CvT-13-224x224-IN-1k.pth")
+    fast = cvt.optimize_for_inference(model)
 """
+from .accel import optimize_for_inference
 from .flops import count_macs
-from .fast import optimize_for_inference
 from .model import CvT, CvTFeatures, create_model, list_models
 
 __all__ = ["CvT", "CvTFeatures", "count_macs", "create_model", "list_models", "optimize_for_inference"]

@@ -8,8 +8,8 @@ ONNX goes through `torch.export` (`torch.onnx.export(..., dynamo=True)`) and is 
 the CPU; `onnx`, `onnxscript` and `onnxruntime` are the optional `export` extra. TorchScript is traced: the
 traced graph computes every shape from the input, so it too runs at any batch size and resolution.
 
-The plain model is exported, not `cvt.optimize_for_inference(model)`: ONNX Runtime folds BatchNorm into the
-convolutions by itself, so the rewrite would only add a step.
+A model from `cvt.optimize_for_inference` exports too (its compiled wrapper is looked through), though the
+plain model is the one to export: ONNX Runtime folds BatchNorm into the convolutions by itself.
 """
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from .accel import reference_module
 from .files import atomic_path
 
 __all__ = ["FORMATS", "ExportCheck", "check_sizes", "export_model"]
@@ -74,9 +75,11 @@ def _load_onnx(path: str) -> Callable[[torch.Tensor], np.ndarray]:
 
 def _export_torchscript(model: nn.Module, example: torch.Tensor, path: str) -> None:
     # TorchScript is deprecated upstream but still what many C++ and mobile runtimes load; the warning is noise here.
+    # So is the tracer's about the model's checks of the input shape, which hold for every input that runs.
     # trace's own check_trace is skipped: export_model runs the saved file against the model at more shapes.
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
         torch.jit.save(torch.jit.trace(model, example, check_trace=False), path)
 
 
@@ -113,6 +116,7 @@ def export_model(model: nn.Module, path: str | os.PathLike, fmt: str, atol: floa
     if fmt not in _EXPORTERS:
         raise ValueError(f"unknown export format {fmt!r}: choose one of {FORMATS}")
     export, load = _EXPORTERS[fmt]
+    model = reference_module(model)
     was_training = model.training
     model.eval()
     try:

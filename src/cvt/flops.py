@@ -4,12 +4,16 @@ The paper's GFLOPs are multiply-accumulates counted per module as the official c
 linears and the two attention matrix products (q k^T and attn v). Norms, softmax, activations and pooling are
 not counted. Counted by running the model once on a zero image with forward hooks, so every option of the model
 (projection method, strides, class tokens, position embeddings, any input size) is counted as it runs.
+
+An accelerated model (`cvt.optimize_for_inference`) is counted as it computes: its compiled wrapper is looked
+through, and with `logits_only` the last block's query, MLP and projections count the class token alone.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn as nn
 
+from .accel import reference_module
 from .model import Attention
 
 __all__ = ["count_macs", "count_params", "macs_by_module"]
@@ -32,6 +36,7 @@ def _attention_macs(module: Attention, q: torch.Tensor, k: torch.Tensor) -> int:
 
 def macs_by_module(model: nn.Module, img_size: int | tuple[int, int], in_chans: int | None = None) -> dict[str, int]:
     """MACs for one image, per named module (convs, linears, attention products)."""
+    model = reference_module(model)
     h, w = (img_size, img_size) if isinstance(img_size, int) else img_size
     in_chans = in_chans or getattr(model, "in_chans", 3)
     counts: dict[str, int] = {}
@@ -46,14 +51,13 @@ def macs_by_module(model: nn.Module, img_size: int | tuple[int, int], in_chans: 
         elif isinstance(module, nn.Linear):
             handles.append(module.register_forward_hook(lambda m, i, o, n=name: add(n, _linear_macs(m, o))))
         elif isinstance(module, Attention):
-            original = module.qkv
+            original = module.attend
 
-            def counting_qkv(x, hh, ww, m=module, n=name, original=original):
-                q, k, v = original(x, hh, ww)
+            def counting_attend(q, k, v, m=module, n=name, original=original):
                 add(f"{n}.matmul", _attention_macs(m, q, k))
-                return q, k, v
+                return original(q, k, v)
 
-            module.qkv = counting_qkv
+            module.attend = counting_attend
             handles.append(module)
     was_training = model.training
     model.eval()
@@ -65,7 +69,7 @@ def macs_by_module(model: nn.Module, img_size: int | tuple[int, int], in_chans: 
         model.train(was_training)
         for handle in handles:
             if isinstance(handle, Attention):
-                del handle.qkv
+                del handle.attend
             else:
                 handle.remove()
     return counts

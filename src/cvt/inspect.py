@@ -15,6 +15,10 @@ its whole, overlapping window instead would give the tokens that two windows sha
 that rollout's products amplify block after block. The class token is its own key. Rollout runs over the blocks of
 the last stage, the only one with a class token; stages are joined by a convolutional token embedding, not by
 attention, so there is no attention to roll out across them.
+
+An accelerated model (`cvt.optimize_for_inference`) gives the same maps: its compiled wrapper is looked through,
+and a last block that computes the class token alone (`logits_only`) still gives the class token's row, which
+is all that the maps and the rollout's last step read.
 """
 from __future__ import annotations
 
@@ -30,6 +34,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.modules.utils import _pair
 
+from .accel import reference_module
 from .files import atomic_path
 from .flops import macs_by_module
 from .model import IMAGENET_MEAN, IMAGENET_STD, Attention, CvT
@@ -80,7 +85,7 @@ def key_footprint(module: Attention, h: int, w: int) -> torch.Tensor:
     The keys form a kh x kw map; each token belongs to the nearest key whose window covers it (see the module
     docstring). A layer without a k projection (position-wise `linear`) has one key per token.
     """
-    if module.conv_proj_k is None:
+    if not len(module.conv_proj_k):
         return torch.eye(h * w).reshape(h, w, h * w)
     window = module.conv_proj_k[0]
     kernel, stride, padding = (_pair(v) for v in (window.kernel_size, window.stride, window.padding))
@@ -131,6 +136,7 @@ class AttentionMaps:
 @torch.no_grad()
 def attention_maps(model: CvT, images: torch.Tensor) -> AttentionMaps:
     """Class-token attention of the last block and attention rollout over the last stage, for any input size."""
+    model = reference_module(model)
     if model.stages[-1].cls_token is None:
         raise ValueError("attention maps follow the class token, and this model has none in its last stage; "
                          "build it with cls_token=(False, False, True) as the released models are")
@@ -158,9 +164,11 @@ def attention_maps(model: CvT, images: torch.Tensor) -> AttentionMaps:
         if footprint.shape[:2].numel() + 1 != probs.shape[-1]:
             raise ValueError(f"{probs.shape[-1] - 1} keys for a {h}x{w} token map, but the k projection's window "
                              f"gives {footprint.shape[:2].numel()}: key_footprint does not know this projection")
-        # Head-averaged, keys mapped back to tokens: (B, queries, queries), rows summing to one.
+        # Head-averaged, keys mapped back to tokens: (B, queries, tokens), rows summing to one. A block that
+        # computes the class token alone has the one query: the first row of the identity is its residual.
         over_tokens = probs.mean(dim=1) @ _with_class_token(footprint).to(probs)
-        with_residual = over_tokens + torch.eye(over_tokens.shape[-1]).to(probs)
+        queries, tokens = over_tokens.shape[-2:]
+        with_residual = over_tokens + torch.eye(tokens)[:queries].to(probs)
         with_residual = with_residual / with_residual.sum(dim=-1, keepdim=True)
         rollout = with_residual if rollout is None else with_residual @ rollout
     return AttentionMaps(probs[:, :, 0], tuple(footprint.shape[:2]), rollout[:, 0], (h, w))
@@ -238,12 +246,14 @@ def _part(name: str) -> str:
 def profile_stages(model: CvT, img_size: int | tuple[int, int] | None = None) -> list[StageProfile]:
     """Per-stage params, MACs (the paper's convention), tokens and activation memory for one image.
 
-    Runs the model once; on a model built on the meta device (`with torch.device("meta")`) that costs nothing,
-    at any size, and gives the figures of a CPU run but for a few bytes per BatchNorm. Activations are the
+    Runs the model once (an accelerated one as it computes); on a model built on the meta device
+    (`with torch.device("meta")`) that costs nothing, at any size, and gives the figures of a CPU run but for a
+    few bytes per BatchNorm. Queries and keys are the first block's of each stage. Activations are the
     tensors autograd saves during the forward pass, parameters excluded, in eval mode, with the reference
     attention (which keeps each attention matrix), so the figure does not depend on which fused kernel a
     device picks.
     """
+    model = reference_module(model)
     h, w = (img_size, img_size) if isinstance(img_size, int) else (img_size or model.img_size)
     macs, params = {}, {}
     for name, value in macs_by_module(model, (h, w)).items():
@@ -267,7 +277,7 @@ def profile_stages(model: CvT, img_size: int | tuple[int, int] | None = None) ->
 
     def record(name: str, module: Attention, q: torch.Tensor, k: torch.Tensor, hh: int, ww: int) -> None:
         part = _part(name)
-        shapes[part] = ((hh, ww), q.shape[1], q.shape[2], k.shape[2])
+        shapes.setdefault(part, ((hh, ww), q.shape[1], q.shape[2], k.shape[2]))
         attention[part] += q.shape[1] * q.shape[2] * k.shape[2] * q.element_size()
 
     def entering(part: str, module: nn.Module, args: tuple) -> None:
@@ -277,9 +287,13 @@ def profile_stages(model: CvT, img_size: int | tuple[int, int] | None = None) ->
     handles = [module.register_forward_pre_hook(partial(entering, part)) for module, part in parts]
     attention_layers = [m for m in model.modules() if isinstance(m, Attention)]
     fused = [m.fused_attn for m in attention_layers]
+    # An inference model's parameters need no gradient, so it would save nothing: profiled as if trained.
+    frozen = [p for p in model.parameters() if not p.requires_grad]
     was_training = model.training
     model.eval()
     model.set_fused_attn(False)
+    for p in frozen:
+        p.requires_grad_(True)
     try:
         param = next(model.parameters())
         x = torch.zeros(1, model.in_chans, h, w, dtype=param.dtype, device=param.device)
@@ -291,6 +305,8 @@ def profile_stages(model: CvT, img_size: int | tuple[int, int] | None = None) ->
             handle.remove()
         for m, flag in zip(attention_layers, fused):
             m.fused_attn = flag
+        for p in frozen:
+            p.requires_grad_(False)
         model.train(was_training)
 
     profiles = []

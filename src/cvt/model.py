@@ -1,6 +1,8 @@
 """CvT: Convolutional vision Transformer (Wu et al., "CvT: Introducing Convolutions to Vision Transformers", ICCV 2021).
 
-One configurable model, its building blocks and the registered variants of the official release.
+The reference: the paper's blocks, one configurable model and the registered variants of the official release.
+It computes the same way on every device, dtype and compile state; the speed-ups are `cvt.accel`, a layer that
+rewrites or swaps modules of a built model.
 
 Parameter names follow the official implementation (`stage0.patch_embed.proj.weight`,
 `stage2.blocks.0.attn.conv_proj_k.bn.running_var`, `stage2.cls_token`, `norm.weight`, `head.weight`), so an
@@ -14,9 +16,13 @@ Options beyond the released models, for the paper's ablations: a learned absolut
 from __future__ import annotations
 
 import difflib
+import fnmatch
+import inspect
 import math
+import os
+import warnings
 from collections import OrderedDict
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -24,11 +30,15 @@ import torch.nn.functional as F
 from timm.layers import DropPath, Mlp, trunc_normal_
 from timm.models import generate_default_cfgs, register_model
 
-__all__ = ["CvT", "CvTFeatures", "create_model", "list_models", "ZOO", "QuickGELU"]
+from .weights import Checkpoint, load_checkpoint, save_pretrained
+
+__all__ = ["CvT", "CvTFeatures", "create_model", "list_models", "model_from_checkpoint", "load_state_dict",
+           "load_weights", "describe_state_dict", "cvt_kwargs_from_official_spec", "ZOO", "QuickGELU"]
 
 NUM_STAGES = 3
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+MAX_KEYS_SHOWN = 10
 
 
 class QuickGELU(nn.Module):
@@ -56,77 +66,39 @@ class ConvEmbed(nn.Module):
         return self.norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
 
 
-def _build_projection(method: str, dim: int, kernel_size: int, stride: int, padding: int) -> nn.Module | None:
-    """The projection applied to the token map before a q/k/v linear; None means position-wise (none)."""
+class Projection(nn.Sequential):
+    """The convolutional projection (Sec. 3.2): a (B, C, H, W) token map in, its projected tokens (B, H'W', C) out.
+
+    `dw_bn`, the paper's: a depth-wise conv then BatchNorm; `avg`: average pooling; `linear`: nothing, the
+    position-wise projection of ViT (the tokens as they are).
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self:
+            x = layer(x)
+        return x.flatten(2).transpose(1, 2)
+
+
+def build_projection(method: str, dim: int, kernel_size: int, stride: int, padding: int) -> Projection:
     if method == "dw_bn":
-        return nn.Sequential(OrderedDict([
+        return Projection(OrderedDict([
             ("conv", nn.Conv2d(dim, dim, kernel_size, stride=stride, padding=padding, groups=dim, bias=False)),
             ("bn", nn.BatchNorm2d(dim)),
         ]))
     if method == "avg":
-        return nn.Sequential(OrderedDict([
+        return Projection(OrderedDict([
             ("avg", nn.AvgPool2d(kernel_size, stride=stride, padding=padding, ceil_mode=True)),
         ]))
     if method == "linear":
-        return None
+        return Projection()
     raise ValueError(f"unknown projection method {method!r}: choose one of {PROJ_METHODS}")
 
 
-# Compiled for CPU inference, tap sums beat the oneDNN depth-wise conv on maps up to one image's stage-1 map at
-# 224 (192 x 28 x 28 values), where the conv call's fixed costs dominate, and lose on large batches (BENCHMARKS.md).
-TAPS_MAX_CPU_VALUES = 192 * 28 * 28
-
-
-def depthwise_conv_taps(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
-    """`conv(x)` for a depth-wise `conv` as the sum over its kernel taps of strided slices of the padded input."""
-    if conv.groups != conv.in_channels or conv.out_channels != conv.in_channels or conv.dilation != (1, 1):
-        raise ValueError("depthwise_conv_taps computes depth-wise convolutions (groups = in = out channels, "
-                         f"no dilation), got {conv}")
-    (kh, kw), (sh, sw), (ph, pw) = conv.kernel_size, conv.stride, conv.padding
-    h_out = (x.shape[2] + 2 * ph - kh) // sh + 1
-    w_out = (x.shape[3] + 2 * pw - kw) // sw + 1
-    x = F.pad(x, (pw, pw, ph, ph))
-    weight = conv.weight.squeeze(1)  # (C, kh, kw)
-    out = conv.bias[:, None, None] if conv.bias is not None else 0
-    for i in range(kh):
-        for j in range(kw):
-            tap = x[:, :, i:i + sh * (h_out - 1) + 1:sh, j:j + sw * (w_out - 1) + 1:sw]
-            out = out + tap * weight[:, i, j, None, None]
-    return out
-
-
-def depthwise_conv_float32(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
-    """`conv(x)` computed in float32, whatever the dtypes and autocast say, and returned in x's dtype."""
-    with torch.autocast(x.device.type, enabled=False):
-        bias = None if conv.bias is None else conv.bias.float()
-        y = F.conv2d(x.float(), conv.weight.float(), bias, conv.stride, conv.padding, conv.dilation, conv.groups)
-    return y.to(x.dtype)
-
-
-def depthwise_convs_in_float32(x: torch.Tensor) -> bool:
-    """Whether `Attention` computes its depth-wise projections of `x` with `depthwise_conv_float32`: in bfloat16 or
-    float16 on the CPU (the input's dtype or autocast's) when a backward pass may follow. There PyTorch's backward
-    pass of a strided depth-wise conv takes about 10-13 ms that float32 does in 0.1-0.3 (a slow path of that dtype;
-    BENCHMARKS.md); the forward pass is as fast in either dtype."""
-    reduced = x.dtype in (torch.bfloat16, torch.float16) or torch.is_autocast_enabled("cpu")
-    return x.device.type == "cpu" and reduced and torch.is_grad_enabled()
-
-
-def depthwise_convs_as_taps(x: torch.Tensor) -> bool:
-    """Whether `Attention` computes its depth-wise projections of `x` with `depthwise_conv_taps`: when compiled for
-    a GPU, or compiled for CPU inference (gradients off) on a map of at most `TAPS_MAX_CPU_VALUES` values. Inductor
-    then fuses the taps with the BatchNorm, the LayerNorm before and the layout change after into one pass over the
-    tokens, where a conv kernel is a pass of its own with copies to and from its layout. On the CPU the conv kernel
-    is faster on larger maps, and the CPU training step was not measured with tap sums (BENCHMARKS.md)."""
-    small_cpu_inference = not torch.is_grad_enabled() and x.numel() <= TAPS_MAX_CPU_VALUES
-    return torch.compiler.is_compiling() and (x.is_cuda or small_cpu_inference)
-
-
 class Attention(nn.Module):
-    """Multi-head attention with convolutional projections of q, k and v.
+    """Multi-head attention with convolutional projections of q, k and v (Fig. 3).
 
     The class token (last stage only) skips the convolutions and joins q, k and v right after them.
-    `fused_attn` picks `scaled_dot_product_attention`; the plain path is kept as the reference.
+    `fused_attn` picks `scaled_dot_product_attention`; the plain computation is the reference.
     """
 
     def __init__(
@@ -151,12 +123,11 @@ class Attention(nn.Module):
         self.scale = dim ** -0.5
         self.with_cls_token = with_cls_token
         self.fused_attn = True
-        self.attn_drop_rate = attn_drop
         # The official `avg` method pools k and v only; q stays position-wise.
-        self.conv_proj_q = _build_projection("linear" if method == "avg" else method, dim, kernel_size, stride_q,
-                                             padding_q)
-        self.conv_proj_k = _build_projection(method, dim, kernel_size, stride_kv, padding_kv)
-        self.conv_proj_v = _build_projection(method, dim, kernel_size, stride_kv, padding_kv)
+        self.conv_proj_q = build_projection("linear" if method == "avg" else method, dim, kernel_size, stride_q,
+                                            padding_q)
+        self.conv_proj_k = build_projection(method, dim, kernel_size, stride_kv, padding_kv)
+        self.conv_proj_v = build_projection(method, dim, kernel_size, stride_kv, padding_kv)
         self.proj_q = nn.Linear(dim, dim, bias=qkv_bias)
         self.proj_k = nn.Linear(dim, dim, bias=qkv_bias)
         self.proj_v = nn.Linear(dim, dim, bias=qkv_bias)
@@ -164,57 +135,35 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
 
-    @staticmethod
-    def _project(proj: nn.Module | None, x_map: torch.Tensor, x_tokens: torch.Tensor) -> torch.Tensor:
-        if proj is None:
-            return x_tokens
-        if not hasattr(proj, "conv"):
-            return proj(x_map).flatten(2).transpose(1, 2)
-        if depthwise_convs_as_taps(x_map):
-            x = depthwise_conv_taps(proj.conv, x_map)
-        elif depthwise_convs_in_float32(x_map):
-            x = depthwise_conv_float32(proj.conv, x_map)
-        else:
-            x = proj.conv(x_map)
-        return (proj.bn(x) if hasattr(proj, "bn") else x).flatten(2).transpose(1, 2)
+    def heads(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, tokens, C) -> (B, heads, tokens, head_dim)."""
+        return x.unflatten(-1, (self.num_heads, -1)).transpose(1, 2)
 
-    def qkv(self, x: torch.Tensor, h: int, w: int, class_query_only: bool = False
-            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """q, k, v as (B, heads, tokens, head_dim), class token first where there is one; with `class_query_only`
-        the class token's q alone (`cvt.fast.ClassTokenBlock`)."""
+    def qkv(self, x: torch.Tensor, h: int, w: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q, k, v as (B, heads, tokens, head_dim), the class token first where there is one."""
+        cls_token: Optional[torch.Tensor] = None
         if self.with_cls_token:
             cls_token, x = x[:, :1], x[:, 1:]
-        elif class_query_only:
-            raise ValueError("class_query_only needs a class token (with_cls_token=True)")
         x_map = x.transpose(1, 2).unflatten(2, (h, w))
-        if self.with_cls_token and self.conv_proj_k is not None and not depthwise_convs_as_taps(x_map):
-            # Past the class token the map is not a dense view; copied once here rather than by each conv or pool
-            # that reads it (the position-wise `linear` projections read the tokens, not the map).
-            x_map = x_map.contiguous(memory_format=torch.channels_last)
-        q = None if class_query_only else self._project(self.conv_proj_q, x_map, x)
-        k = self._project(self.conv_proj_k, x_map, x)
-        v = self._project(self.conv_proj_v, x_map, x)
-        if self.with_cls_token:
-            q, k, v = (cls_token if t is None else torch.cat((cls_token, t), dim=1) for t in (q, k, v))
-        q = self.proj_q(q).unflatten(-1, (self.num_heads, -1)).transpose(1, 2)
-        k = self.proj_k(k).unflatten(-1, (self.num_heads, -1)).transpose(1, 2)
-        v = self.proj_v(v).unflatten(-1, (self.num_heads, -1)).transpose(1, 2)
-        return q, k, v
+        q, k, v = self.conv_proj_q(x_map), self.conv_proj_k(x_map), self.conv_proj_v(x_map)
+        if cls_token is not None:
+            q, k, v = torch.cat((cls_token, q), 1), torch.cat((cls_token, k), 1), torch.cat((cls_token, v), 1)
+        return self.heads(self.proj_q(q)), self.heads(self.proj_k(k)), self.heads(self.proj_v(v))
 
     def attention_probs(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-        """Softmax attention weights (B, heads, queries, keys) by the reference computation."""
+        """softmax(q k^T * scale): the attention weights (B, heads, queries, keys)."""
         return ((q @ k.transpose(-2, -1)) * self.scale).softmax(dim=-1)
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """softmax(q k^T * scale) v with attention dropout, (B, heads, queries, head_dim)."""
         if self.fused_attn:
-            return F.scaled_dot_product_attention(
-                q, k, v, dropout_p=self.attn_drop_rate if self.training else 0.0, scale=self.scale
-            )
+            return F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop.p if self.training else 0.0,
+                                                  scale=self.scale)
         return self.attn_drop(self.attention_probs(q, k)) @ v
 
     def forward(self, x: torch.Tensor, h: int, w: int) -> torch.Tensor:
-        x = self.attend(*self.qkv(x, h, w)).transpose(1, 2).flatten(2)
+        q, k, v = self.qkv(x, h, w)
+        x = self.attend(q, k, v).transpose(1, 2).flatten(2)
         return self.proj_drop(self.proj(x))
 
 
@@ -260,29 +209,50 @@ class Stage(nn.Module):
             for dp in drop_paths
         ])
 
-    def resized_pos_embed(self, h: int, w: int) -> torch.Tensor:
-        """The position embedding for an h x w token map: bicubic interpolation from the grid it was made for."""
-        if (h, w) == self.pos_embed_grid:
-            return self.pos_embed
-        grid = self.pos_embed.transpose(1, 2).unflatten(2, self.pos_embed_grid)
-        grid = F.interpolate(grid, size=(h, w), mode="bicubic", align_corners=False)
-        return grid.flatten(2).transpose(1, 2)
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         x = self.patch_embed(x)
-        b, _, h, w = x.shape
+        b, h, w = x.shape[0], x.shape[2], x.shape[3]
         x = x.flatten(2).transpose(1, 2)
         if self.pos_embed is not None:
-            x = x + self.resized_pos_embed(h, w)
+            x = x + resize_pos_embed(self.pos_embed, self.pos_embed_grid, h, w)
         if self.cls_token is not None:
             x = torch.cat((self.cls_token.expand(b, -1, -1), x), dim=1)
         x = self.pos_drop(x)
         for block in self.blocks:
             x = block(x, h, w)
-        cls_token = None
+        cls_token: Optional[torch.Tensor] = None
         if self.cls_token is not None:
             cls_token, x = x[:, :1], x[:, 1:]
         return x.transpose(1, 2).unflatten(2, (h, w)), cls_token
+
+
+def resize_pos_embed(pos_embed: torch.Tensor, grid: tuple[int, int], h: int, w: int) -> torch.Tensor:
+    """A position embedding made for a `grid` token map, for an h x w one: bicubic interpolation."""
+    if h == grid[0] and w == grid[1]:
+        return pos_embed
+    x = pos_embed.transpose(1, 2).unflatten(2, grid)
+    x = F.interpolate(x, size=(h, w), mode="bicubic", align_corners=False)
+    return x.flatten(2).transpose(1, 2)
+
+
+def check_input(x: torch.Tensor, in_chans: int, min_size: int, native: tuple[int, int]) -> None:
+    """Raise a clear error for an input the model cannot take."""
+    if x.dim() != 4:
+        raise ValueError(f"expected a batch of images (B, C, H, W), got a tensor of shape {list(x.shape)}; "
+                         "add a batch dimension with x.unsqueeze(0)")
+    if x.shape[1] != in_chans:
+        raise ValueError(f"expected {in_chans} input channels, got {x.shape[1]} (shape {list(x.shape)}); "
+                         "convert the images (e.g. PIL .convert('RGB')) or build the model with "
+                         f"in_chans={x.shape[1]}")
+    if x.shape[2] < min_size or x.shape[3] < min_size:
+        raise ValueError(f"input {x.shape[2]}x{x.shape[3]} is smaller than this model can take "
+                         f"(at least {min_size}x{min_size}); resize the image, ideally to the native "
+                         f"{native[0]}x{native[1]}")
+
+
+# Calls that torch.fx records as they are: they compare sizes, which a symbolic trace cannot.
+torch.fx.wrap("resize_pos_embed")
+torch.fx.wrap("check_input")
 
 
 def _per_stage(value: Any, name: str) -> tuple:
@@ -411,8 +381,10 @@ class CvT(nn.Module):
             for i in range(NUM_STAGES)
         ]
         self.min_input_size = next(n for n in range(1, 1025) if min(self.feature_sizes(n, n)[-1]) >= 1)
-        self.pretrained_cfg: dict[str, Any] = {}
+        self.pretrained_cfg = {}
         self.init_weights()
+
+    __jit_unused_properties__ = ["stages"]
 
     @property
     def stages(self) -> list[Stage]:
@@ -465,25 +437,11 @@ class CvT(nn.Module):
             trunc_normal_(self.head.weight, std=0.02)
             nn.init.zeros_(self.head.bias)
 
-    def check_input(self, x: torch.Tensor) -> None:
-        """Raise a clear error for an input this model cannot take."""
-        if x.ndim != 4:
-            raise ValueError(f"expected a batch of images (B, C, H, W), got a tensor of shape {tuple(x.shape)}; "
-                             "add a batch dimension with x.unsqueeze(0)")
-        if x.shape[1] != self.in_chans:
-            raise ValueError(f"expected {self.in_chans} input channels, got {x.shape[1]} (shape {tuple(x.shape)}); "
-                             f"convert the images (e.g. PIL .convert('RGB')) or build the model with "
-                             f"in_chans={x.shape[1]}")
-        if min(x.shape[2:]) < self.min_input_size:
-            raise ValueError(f"input {x.shape[2]}x{x.shape[3]} is smaller than this model can take "
-                             f"(at least {self.min_input_size}x{self.min_input_size}); resize the image, ideally to "
-                             f"the native {self.img_size[0]}x{self.img_size[1]}")
-
+    @torch.jit.ignore
     def forward_intermediates(self, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor | None]:
         """The three stage maps (strides 4, 8, 16 for the released models) and the final class token (B, 1, C),
         before the final norm."""
-        if not (torch.jit.is_tracing() or torch.compiler.is_compiling()):
-            self.check_input(x)
+        check_input(x, self.in_chans, self.min_input_size, self.img_size)
         maps = []
         cls_token = None
         for stage in self.stages:
@@ -493,8 +451,11 @@ class CvT(nn.Module):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Normalised tokens of the last stage (B, prefix + H*W, C), the class token first where there is one."""
-        maps, cls_token = self.forward_intermediates(x)
-        x = maps[-1].flatten(2).transpose(1, 2)
+        check_input(x, self.in_chans, self.min_input_size, self.img_size)
+        x, _ = self.stage0(x)
+        x, _ = self.stage1(x)
+        x, cls_token = self.stage2(x)
+        x = x.flatten(2).transpose(1, 2)
         if cls_token is not None:
             x = torch.cat((cls_token, x), dim=1)
         return self.norm(x)
@@ -506,10 +467,9 @@ class CvT(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
 
+    @torch.jit.ignore
     def save_pretrained(self, directory: str) -> None:
         """Write `config.json` and `model.safetensors`; `create_model(name, pretrained=directory)` reads them back."""
-        from .weights import save_pretrained
-
         save_pretrained(self, directory)
 
 
@@ -567,8 +527,6 @@ default_cfgs = generate_default_cfgs({
 
 def list_models(pattern: str = "*") -> list[str]:
     """Names of the registered CvT variants, optionally filtered by a shell-style pattern."""
-    import fnmatch
-
     return sorted(n for n in ZOO if fnmatch.fnmatch(n, pattern))
 
 
@@ -581,7 +539,7 @@ def unknown_model_error(name: str) -> ValueError:
 def create_model(
     name: str,
     num_classes: int | None = None,
-    pretrained: str | None = None,
+    pretrained: str | os.PathLike | Checkpoint | None = None,
     features_only: bool = False,
     out_indices: Sequence[int] = (0, 1, 2),
     **overrides: Any,
@@ -606,14 +564,13 @@ def create_model(
     arch, meta = ZOO[name]
     kwargs = dict(arch)
     if pretrained:
-        from .weights import load_checkpoint
-
-        checkpoint = load_checkpoint(pretrained, expect_model=name)
+        checkpoint = load_checkpoint(pretrained)
+        _check_model_name(checkpoint, name)
         kwargs.update(checkpoint.model_args)
         kwargs.update(overrides)
         wanted_classes = checkpoint.num_classes if num_classes is None else num_classes
         model = CvT(num_classes=wanted_classes, **kwargs)
-        checkpoint.load_into(model)
+        load_state_dict(model, checkpoint.state_dict, checkpoint.source)
         meta = dict(meta, **checkpoint.pretrained_cfg)  # e.g. the label names of a fine-tuned model
     else:
         kwargs.update(overrides)
@@ -663,3 +620,125 @@ def cvt_21_384(pretrained: bool | str = False, **kwargs: Any) -> nn.Module:
 @register_model
 def cvt_w24_384(pretrained: bool | str = False, **kwargs: Any) -> nn.Module:
     return _create_registered("cvt_w24_384", pretrained, **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Loading weights into a model: official names, checked against the architecture
+
+def load_state_dict(model: CvT, state_dict: dict[str, torch.Tensor], source: str = "state dict") -> None:
+    """Load official-named weights. A head of another size is left freshly initialised, with a warning; any other
+    difference is an error listing the missing, unexpected and wrongly-shaped keys."""
+    head_classes = state_dict["head.weight"].shape[0] if "head.weight" in state_dict else 0
+    keep_head = head_classes == model.num_classes
+    if not keep_head:
+        state_dict = {k: v for k, v in state_dict.items() if not k.startswith("head.")}
+        if model.num_classes:
+            has = f"a {head_classes}-class head" if head_classes else "no classifier head"
+            warnings.warn(f"{source} has {has}, the model {model.num_classes} classes: its head is freshly "
+                          f"initialised and needs training", stacklevel=2)
+    expected = model.state_dict()
+    # BatchNorm's batch counter only matters for momentum-free training; older checkpoints lack it.
+    missing = [k for k in expected if k not in state_dict and not k.endswith("num_batches_tracked")
+               and (keep_head or not k.startswith("head."))]
+    unexpected = [k for k in state_dict if k not in expected]
+    wrong_shape = [f"{k} {tuple(v.shape)} in the checkpoint, {tuple(expected[k].shape)} in the model"
+                   for k, v in state_dict.items() if k in expected and v.shape != expected[k].shape]
+    if missing or unexpected or wrong_shape:
+        lines = [f"{source} does not fit this model (embed_dims {model.config['embed_dims']}, "
+                 f"depths {model.config['depths']}):"]
+        for label, keys in (("missing keys", missing), ("unexpected keys", unexpected),
+                            ("wrongly-shaped keys", wrong_shape)):
+            if keys:
+                more = f", ... and {len(keys) - MAX_KEYS_SHOWN} more" if len(keys) > MAX_KEYS_SHOWN else ""
+                lines.append(f"  {len(keys)} {label}: {', '.join(keys[:MAX_KEYS_SHOWN])}{more}")
+        lines.append(f"  {describe_state_dict(state_dict)}")
+        raise ValueError("\n".join(lines))
+    model.load_state_dict(state_dict, strict=False)
+
+
+def load_weights(model: CvT, path: str | os.PathLike) -> CvT:
+    """Load any supported checkpoint into a model built directly with `cvt.CvT(...)`; returns the model."""
+    checkpoint = load_checkpoint(path)
+    load_state_dict(model, checkpoint.state_dict, checkpoint.source)
+    return model
+
+
+def model_from_checkpoint(source: str | os.PathLike | Checkpoint, model_name: str | None = None,
+                          num_classes: int | None = None, **overrides: Any) -> CvT:
+    """A model built as the checkpoint describes, with its weights: through `create_model` when the zoo name is
+    known (given, or saved in the checkpoint), else straight from the checkpoint's config."""
+    checkpoint = load_checkpoint(source)
+    if model_name:
+        _check_model_name(checkpoint, model_name)
+    name = model_name or checkpoint.model_name
+    if name:
+        return create_model(name, num_classes=num_classes, pretrained=checkpoint, **overrides)
+    if not checkpoint.model_args:
+        raise ValueError(f"{checkpoint.source} is a bare state dict that does not say which model it is: name it, "
+                         f"e.g. cvt.create_model('cvt_13_224', pretrained={checkpoint.source!r}) or "
+                         f"`cvt convert --model NAME`; {describe_state_dict(checkpoint.state_dict)}")
+    model = CvT(num_classes=checkpoint.num_classes if num_classes is None else num_classes,
+                **dict(checkpoint.model_args, **overrides))
+    load_state_dict(model, checkpoint.state_dict, checkpoint.source)
+    model.pretrained_cfg = dict(checkpoint.pretrained_cfg)
+    return model
+
+
+_OFFICIAL_SPEC_NAMES = {
+    "PATCH_SIZE": "patch_sizes", "PATCH_STRIDE": "patch_strides", "PATCH_PADDING": "patch_paddings",
+    "DIM_EMBED": "embed_dims", "NUM_HEADS": "num_heads", "DEPTH": "depths", "MLP_RATIO": "mlp_ratio",
+    "ATTN_DROP_RATE": "attn_drop_rate", "DROP_RATE": "drop_rate", "DROP_PATH_RATE": "drop_path_rate",
+    "QKV_BIAS": "qkv_bias", "CLS_TOKEN": "cls_token", "POS_EMBED": "pos_embed", "QKV_PROJ_METHOD": "proj_method",
+    "KERNEL_QKV": "kernel_qkv", "PADDING_KV": "padding_kv", "STRIDE_KV": "stride_kv", "PADDING_Q": "padding_q",
+    "STRIDE_Q": "stride_q",
+}
+
+
+def cvt_kwargs_from_official_spec(spec: dict[str, Any]) -> dict[str, Any]:
+    """CvT arguments from the official config's MODEL.SPEC (`DIM_EMBED`, `NUM_HEADS`, `DEPTH`, `STRIDE_KV`, ...)."""
+    if spec.get("NUM_STAGES", NUM_STAGES) != NUM_STAGES:
+        raise ValueError(f"NUM_STAGES is {spec['NUM_STAGES']}: CvT has {NUM_STAGES} stages")
+    # INIT picks the initialiser for training from scratch; it does not change the architecture.
+    unknown = sorted(set(spec) - set(_OFFICIAL_SPEC_NAMES) - {"NUM_STAGES", "INIT"})
+    if unknown:
+        raise ValueError(f"unknown official spec keys {unknown}; known: {sorted(_OFFICIAL_SPEC_NAMES)}")
+    return {ours: spec[official] for official, ours in _OFFICIAL_SPEC_NAMES.items() if official in spec}
+
+
+def _check_model_name(checkpoint: Checkpoint, expect_model: str) -> None:
+    if checkpoint.kind == "hf":
+        # A Hugging Face config has no image size: any zoo model of the same architecture fits. It leaves out
+        # what equals the defaults, which are CvT's.
+        defaults = {k: p.default for k, p in inspect.signature(CvT).parameters.items()}
+        candidates = _zoo_matches({**defaults, **checkpoint.model_args})
+    else:
+        candidates = [checkpoint.model_name] if checkpoint.model_name else []
+    if candidates and expect_model not in candidates:
+        calls = " or ".join(f"cvt.create_model({n!r}, pretrained={checkpoint.source!r})" for n in candidates)
+        raise ValueError(f"{checkpoint.source} holds {' / '.join(candidates)} weights, not {expect_model}: "
+                         f"call {calls}")
+
+
+def _zoo_matches(arch: dict[str, Any]) -> list[str]:
+    """Zoo models with these widths, depths and (where given) heads."""
+    keys = [k for k in ("embed_dims", "depths", "num_heads") if k in arch]
+    return [name for name, (zoo_arch, _) in ZOO.items()
+            if keys and all(list(zoo_arch[k]) == list(arch[k]) for k in keys)]
+
+
+def describe_state_dict(state_dict: dict[str, torch.Tensor]) -> str:
+    """What architecture a state dict looks like, read off its shapes."""
+    if "stage0.patch_embed.proj.weight" not in state_dict:
+        return (f"it is not a CvT checkpoint: it has no stage0.patch_embed.proj.weight "
+                f"(its first keys: {', '.join(list(state_dict)[:5])})")
+    arch = {
+        "embed_dims": [state_dict[f"stage{i}.patch_embed.proj.weight"].shape[0]
+                       for i in range(NUM_STAGES) if f"stage{i}.patch_embed.proj.weight" in state_dict],
+        "depths": [len({k.split(".")[2] for k in state_dict if k.startswith(f"stage{i}.blocks.")})
+                   for i in range(NUM_STAGES)],
+    }
+    shapes = f"embed_dims {arch['embed_dims']}, depths {arch['depths']}"
+    matches = _zoo_matches(arch)
+    if matches:
+        return f"the checkpoint looks like {' / '.join(matches)} ({shapes})"
+    return f"the checkpoint has {shapes}, which is no zoo model"

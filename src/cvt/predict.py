@@ -14,8 +14,9 @@ from PIL import Image
 
 from .data import eval_transform
 from .engine import pick_device
-from .fast import move_to
-from .weights import label_names, model_from_checkpoint
+from .accel import optimize_for_inference
+from .model import model_from_checkpoint
+from .weights import label_names
 
 
 @torch.no_grad()
@@ -24,7 +25,7 @@ def predict(images: list[str | os.PathLike], checkpoint: str | os.PathLike, mode
     """For each image: its path and the `topk` (label, class index, probability) predictions, best first."""
     model = model_from_checkpoint(checkpoint, model_name)
     device_ = pick_device(device)
-    move_to(model, device_).eval()
+    fast = optimize_for_inference(model.to(device_), compile=False)
     names = label_names(model) or [f"class {i}" for i in range(model.num_classes)]
     transform = eval_transform({"img_size": model.pretrained_cfg["input_size"][-1]}, model.pretrained_cfg)
     mode = "RGB" if model.in_chans == 3 else "L"
@@ -36,7 +37,7 @@ def predict(images: list[str | os.PathLike], checkpoint: str | os.PathLike, mode
         except (OSError, SyntaxError) as e:
             raise ValueError(f"cannot read {path} as an image ({e}): pass image files Pillow reads, "
                              "such as JPEG or PNG") from None
-        probs = model(transform(image).unsqueeze(0).to(device_)).softmax(dim=-1)[0].float().cpu()
+        probs = fast(transform(image).unsqueeze(0).to(device_)).softmax(dim=-1)[0].float().cpu()
         values, indices = probs.topk(min(topk, len(probs)))
         results.append({"image": str(path), "predictions": [
             {"label": names[i], "index": i, "probability": p} for p, i in zip(values.tolist(), indices.tolist())]})
