@@ -28,6 +28,7 @@ from .engine import train
 from .files import write_atomic
 from .flops import count_macs, count_params
 from .model import create_model
+from .tables import format_table
 
 __all__ = ["STUDIES", "PAPER_GMACS", "describe_study", "run_study", "summarize", "write_results"]
 
@@ -211,8 +212,6 @@ def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def results_table(summary: list[dict[str, Any]]) -> str:
-    from .cli import format_table
-
     rows = [("variant", "params", "GMACs @224", "top-1 (%)", "seeds")]
     rows += [(s["variant"], f"{s['params']:,}", f"{s['gmacs_224']:.3f}",
               f"{s['top1_mean']:.2f} +/- {s['top1_std']:.2f}", str(s["seeds"])) for s in summary]

@@ -19,6 +19,7 @@ from torch.utils.data import ConcatDataset, Dataset
 from torchvision import datasets as tvd
 
 DATASETS = ("digits", "imagefolder", "cifar10", "cifar100", "pets", "flowers102")
+BAD_IMAGES = ("error", "skip")  # data.bad_images: stop at an unreadable image, or leave it out and count it
 
 # Files (relative to the root) each format needs, as torchvision's readers expect them: a trailing "/" is a folder.
 EXPECTED_FILES = {
@@ -115,8 +116,8 @@ class SafeImages(Dataset):
     becomes None (`"skip"`), which `collate_skipping` drops and counts."""
 
     def __init__(self, dataset: Dataset, bad_images: str, split: str):
-        if bad_images not in ("error", "skip"):
-            raise ValueError(f"data.bad_images must be 'error' or 'skip', got {bad_images!r}")
+        if bad_images not in BAD_IMAGES:
+            raise ValueError(f"data.bad_images must be one of {BAD_IMAGES}, got {bad_images!r}")
         self.dataset, self.bad_images, self.split = dataset, bad_images, split
 
     def __len__(self) -> int:
