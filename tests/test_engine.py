@@ -1,6 +1,5 @@
-"""The training engine on tiny data: the default run, recipes, exact resume, divergence, accumulation,
-fine-tuning from a checkpoint made by `cvt train`."""
-import contextlib
+"""The training engine on tiny data: the default run, recipes and their bases, typed config values, the training
+state, exact resume, divergence, accumulation, the speed-ups, fine-tuning from a checkpoint made by `cvt train`."""
 import json
 import math
 import sys
@@ -9,12 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
-import cvt.fast
 from cvt import engine
-from cvt.engine import DEFAULTS, build_model, evaluate, load_config, read_training_checkpoint, train
+from cvt.engine import DEFAULTS, build_model, load_config, read_training_checkpoint, train
 from cvt.cli import main
-from cvt.model import CvT
-from helpers import TINY
+from cvt.files import yaml_load
 from test_data import write_cifar, write_corrupt_imagefolder
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
@@ -103,6 +100,63 @@ def test_finetune_recipes_are_the_papers(target, dataset, steps):
     assert (d["eval_crop_pct"], d["eval_crop_mode"]) == (1.0, "squash")
 
 
+def test_the_ablation_recipe_is_the_digits_recipe_for_20_epochs():
+    assert load_config(CONFIGS / "ablate_digits.yaml") == load_config(None, [
+        "name=ablate_digits", "train.epochs=20", "train.keep_epoch_checkpoints=0", "train.progress=false"])
+
+
+def leaves(mapping: dict, where: str = ""):
+    """(dotted key, value) of every value in a recipe; model.args, a mapping replaced whole, is one value."""
+    for key, value in mapping.items():
+        if isinstance(value, dict) and f"{where}{key}" != "model.args":
+            yield from leaves(value, f"{where}{key}.")
+        else:
+            yield f"{where}{key}", value
+
+
+def test_a_recipe_with_a_base_sets_only_what_differs_from_it():
+    bases = {}
+    for path in sorted(CONFIGS.glob("*.yaml")):
+        recipe = yaml_load(path.read_text())
+        if "base" not in recipe:
+            continue
+        bases[path.name] = recipe.pop("base")
+        base = load_config(CONFIGS / bases[path.name])
+        for key, value in leaves(recipe):
+            here = base
+            for part in key.split("."):
+                here = here[part]
+            assert value != here, f"{path.name} sets {key} to its base's value"
+    assert bases == {"ablate_digits.yaml": "digits.yaml", "cvt21_imagenet.yaml": "cvt13_imagenet.yaml",
+                     "cvtw24_imagenet.yaml": "cvt13_imagenet.yaml",
+                     **{f"finetune_{d}.yaml": "finetune_imagenet.yaml"
+                        for d in ("cifar10", "cifar100", "flowers102", "pets")}}
+
+
+def test_a_base_is_found_beside_its_recipe_and_chains_end_at_the_defaults(tmp_path):
+    (tmp_path / "recipes").mkdir()
+    (tmp_path / "parent.yaml").write_text(f"base: {CONFIGS / 'digits.yaml'}\nseed: 5\ntrain: {{lr: 0.01}}\n")
+    (tmp_path / "recipes" / "child.yaml").write_text("base: ../parent.yaml\ntrain: {lr: 0.02, epochs: 3}\n")
+    assert load_config(tmp_path / "recipes" / "child.yaml", ["train.epochs=4"]) == load_config(
+        None, ["seed=5", "train.lr=0.02", "train.epochs=4"])
+
+
+def test_a_base_cycle_and_a_missing_base_are_errors_naming_the_file(tmp_path):
+    (tmp_path / "a.yaml").write_text("base: b.yaml\nseed: 1\n")
+    (tmp_path / "b.yaml").write_text("base: a.yaml\n")
+    with pytest.raises(ValueError, match=r"a\.yaml: a cycle of base recipes \(.*a\.yaml -> .*b\.yaml -> .*a\.yaml\)"):
+        load_config(tmp_path / "a.yaml")
+    (tmp_path / "c.yaml").write_text("base: gone.yaml\n")
+    with pytest.raises(FileNotFoundError, match=r"no config file .*gone\.yaml \(the base of .*c\.yaml\)"):
+        load_config(tmp_path / "c.yaml")
+    (tmp_path / "d.yaml").write_text("base: c.yaml\ntrain: {epochs: many}\n")
+    with pytest.raises(FileNotFoundError, match=r"gone\.yaml \(the base of .*c\.yaml\)"):
+        load_config(tmp_path / "d.yaml")
+    (tmp_path / "e.yaml").write_text("train: {epochs: many}\n")
+    with pytest.raises(ValueError, match=r"e\.yaml: config key 'train\.epochs' takes an integer"):
+        load_config(tmp_path / "e.yaml")
+
+
 def test_overrides_are_typed_and_unknown_keys_suggest_close_ones():
     c = load_config(None, ["train.lr=1e-3", "model.args.depths=[1,1,1]", "train.amp=bf16", "seed=3"])
     assert c["train"]["lr"] == 1e-3 and c["train"]["amp"] == "bf16" and c["seed"] == 3
@@ -115,6 +169,46 @@ def test_overrides_are_typed_and_unknown_keys_suggest_close_ones():
         load_config(None, ["train.lr"])
     with pytest.raises(ValueError, match="'train' is a section"):
         load_config(None, ["train=3"])
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.lr=abc", "'train.lr' takes a number, e.g. train.lr=0.002; got \"abc\""),
+    ("train.epochs=1.5", "'train.epochs' takes an integer, e.g. train.epochs=15; got 1.5"),
+    ("train.epochs=true", "'train.epochs' takes an integer, e.g. train.epochs=15; got true"),
+    ("train.progress=3", "'train.progress' takes true or false, e.g. train.progress=true; got 3"),
+    ("data.img_size=[1,2]", "'data.img_size' takes an integer, e.g. data.img_size=32; got [1, 2]"),
+    ("data.augment.scale=0.5", "'data.augment.scale' takes a list of numbers, e.g. data.augment.scale=[0.6, 1.0]"),
+    ("data.augment.scale=[a,1]", "'data.augment.scale' takes a list of numbers"),
+    ("train.steps=1.5", "'train.steps' takes an integer or null, e.g. train.steps=10000; got 1.5"),
+    ("train.amp=16", "'train.amp' takes a string or null, e.g. train.amp=bf16; got 16"),
+    ("train.resume=3", "'train.resume' takes true or false, a path or null, e.g. train.resume=true; got 3"),
+    ("model.pretrained=[x]", "'model.pretrained' takes a path or null"),
+    ("name=7", "'name' takes a string, e.g. name=digits_cvt_tiny; got 7"),
+])
+def test_a_value_of_the_wrong_type_is_an_error_naming_the_key_the_type_and_an_example(override, message):
+    with pytest.raises(ValueError) as error:
+        load_config(None, [override])
+    assert str(error.value).startswith(f"config key {message}")
+
+
+@pytest.mark.parametrize("override, value", [
+    ("train.lr=1e-3", 1e-3), ("train.lr=1", 1), ("train.epochs=2", 2), ("train.steps=null", None),
+    ("train.warmup_epochs=0.5", 0.5), ("train.resume=true", True), ("train.resume=runs/a/last.pth", "runs/a/last.pth"),
+    ("data.eval_crop_pct=null", None), ("data.augment.scale=[0, 1]", [0, 1]),
+    ("data.augment.color_jitter=[0.4, 0.4, 0.4]", [0.4, 0.4, 0.4]), ("model.args.depths=[1, 1, 1]", [1, 1, 1]),
+])
+def test_a_value_of_the_right_type_is_taken(override, value):
+    key, _, _ = override.partition("=")
+    config = load_config(None, [override])
+    for part in key.split("."):
+        config = config[part]
+    assert config == value
+
+
+def test_train_checks_the_types_of_a_config_given_as_a_dict(tmp_path):
+    with pytest.raises(ValueError, match="'train.epochs' takes an integer, e.g. train.epochs=15; got \"3\""):
+        train({"train": {"epochs": "3"}}, tmp_path)
+    assert not list(tmp_path.iterdir())
 
 
 def tiny(out: Path, *overrides: str) -> dict:
@@ -161,6 +255,58 @@ def test_resume_from_nothing_or_from_foreign_weights_is_an_error(tmp_path):
     torch.save({"model": {}}, tmp_path / "foreign.pth")
     with pytest.raises(ValueError, match="not a training checkpoint written by `cvt train`"):
         tiny(tmp_path, "train.epochs=1", f"train.resume={tmp_path / 'foreign.pth'}")
+
+
+def new_training_state(directory: Path, keep_epochs: int) -> engine.TrainingState:
+    model = torch.nn.Linear(4, 3)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    return engine.TrainingState(
+        directory=directory, keep_epochs=keep_epochs, model=model, optimizer=optimizer,
+        scheduler=torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.5),
+        scaler=torch.amp.GradScaler("cpu", enabled=False), ema=torch.nn.Linear(4, 3), model_name="cvt_13_224",
+        model_args={"depths": [1, 1, 1]}, pretrained_cfg={"label_names": ["a", "b", "c"]}, config=DEFAULTS)
+
+
+def test_the_training_state_saves_loads_back_and_keeps_the_last_epochs_and_the_best(tmp_path):
+    state = new_training_state(tmp_path, keep_epochs=2)
+    rng = [engine.rng_state()]
+    for epoch, top1 in enumerate([10.0, 40.0, 20.0, 30.0], start=1):
+        state.model(torch.randn(2, 4)).sum().backward()
+        state.optimizer.step()
+        state.scheduler.step()
+        state.step += 1
+        state.record({"epoch": epoch, "top1": top1}, seconds=float(epoch))
+        state.save(rng)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best.pth", "epoch_0003.pth", "epoch_0004.pth",
+                                                          "last.pth"]
+    assert state.best == {"top1": 40.0, "epoch": 2}
+    assert read_training_checkpoint(tmp_path / "best.pth")["epoch"] == 2
+    assert_same_tensors(torch.load(tmp_path / "epoch_0004.pth", weights_only=True), state.state_dict(rng))
+    # The format `cvt.weights` and `model_from_checkpoint` read.
+    assert list(torch.load(tmp_path / "last.pth", weights_only=True)) == [
+        "format", "model", "model_name", "model_args", "pretrained_cfg", "optimizer", "scheduler", "scaler", "ema",
+        "rng", "epoch", "step", "seconds", "history", "best", "config"]
+
+    loaded = new_training_state(tmp_path, keep_epochs=2)
+    loaded.load(tmp_path / "last.pth")
+    assert_same_tensors(loaded.state_dict(rng), state.state_dict(rng))
+    assert (loaded.epoch, loaded.step, loaded.seconds, loaded.best) == (4, 4, 4.0, state.best)
+
+
+def test_train_accel_swaps_in_the_cpu_linears_and_off_trains_the_reference_model(tmp_path, monkeypatch):
+    from cvt.accel import OneDNNLinear
+
+    linear_types = []  # of the model trained, per run
+    real = engine.train_one_epoch
+
+    def recording(epoch, models, *args):
+        linear_types.append({type(m) for m in models.model.modules() if isinstance(m, torch.nn.Linear)})
+        return real(epoch, models, *args)
+
+    monkeypatch.setattr(engine, "train_one_epoch", recording)
+    tiny(tmp_path / "default", "train.steps=1")
+    tiny(tmp_path / "reference", "train.steps=1", "train.accel=false")
+    assert linear_types == [{OneDNNLinear}, {torch.nn.Linear}]
 
 
 def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, capsys):
@@ -284,31 +430,4 @@ def test_finetuning_from_a_cvt_train_checkpoint_replaces_the_head_and_the_loss_f
     assert len(losses) == 12 and losses[-1] < losses[0] - 0.2
     saved = read_training_checkpoint(tmp_path / "run" / "last.pth")
     assert saved["pretrained_cfg"]["label_names"][:2] == ["class_0", "class_1"]
-
-
-def recording_cpu_buffer_scopes(monkeypatch) -> list[tuple[bool, int]]:
-    """Make the engine's `reuse_cpu_buffers` scopes record, as each ends, whether it was enabled and what the
-    buffer cache then held."""
-    scopes, real = [], engine.reuse_cpu_buffers
-
-    @contextlib.contextmanager
-    def recording(enabled=True):
-        with real(enabled):
-            yield
-        scopes.append((enabled, cvt.fast._buffer_cache().held_bytes()))
-
-    monkeypatch.setattr(engine, "reuse_cpu_buffers", recording)
-    return scopes
-
-
-def test_cpu_evaluation_reuses_buffers_from_batch_to_batch_and_frees_them_at_the_end(monkeypatch):
-    model = CvT(num_classes=10, **TINY)
-    batches = [(torch.randn(64, 3, 64, 64), torch.randint(0, 10, (64,)), 0) for _ in range(3)]
-    expected = evaluate(model, batches, torch.device("cpu"))
-    cvt.fast.release_cpu_buffers()
-    held_before = cvt.fast._buffer_cache().held_bytes()
-    scopes = recording_cpu_buffer_scopes(monkeypatch)
-    assert evaluate(model, batches, torch.device("cpu")) == expected
-    assert len(scopes) == 3 and all(enabled and held > held_before for enabled, held in scopes)
-    assert cvt.fast._buffer_cache().held_bytes() == held_before
 

@@ -4,10 +4,11 @@ many of them (`torchrun`).
     config = load_config("configs/cvt13_imagenet.yaml", ["train.epochs=10"])
     summary = train(config, "runs/cvt13")
 
-`train` reads top to bottom: distributed set-up, data, model, optimisation, resume, the loop, the end of each
-epoch (evaluate, checkpoint, log) and the summary. Everything it writes goes into the output directory:
-`last.pth` (every epoch), `best.pth`, the last few `epoch_NNNN.pth`, `metrics.jsonl` / `metrics.csv`,
-`curves.png` and `summary.json`; files are written to a temporary name and renamed, so none is ever half-written.
+`train` wires the parts, each a function of its own: the processes, the data, the model, the optimisation, the
+training state (resumed from a checkpoint or new), then for each epoch `train_one_epoch`, `evaluate_epoch` and a
+checkpoint, and the summary. Everything it writes goes into the output directory: `last.pth` (every epoch),
+`best.pth`, the last few `epoch_NNNN.pth`, `metrics.jsonl` / `metrics.csv`, `curves.png` and `summary.json`;
+files are written to a temporary name and renamed, so none is ever half-written.
 """
 from __future__ import annotations
 
@@ -23,28 +24,30 @@ import os
 import pickle
 import random
 import time
+import types
+import typing
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader, Dataset, Subset
 from torch.utils.data.distributed import DistributedSampler
 
 from .data import build_datasets, build_eval_dataset, collate_skipping, eval_crop
-from .fast import compile_model, move_to, release_cpu_buffers, reuse_cpu_buffers
+from .accel import accelerate_training, compile_model, optimize_for_inference
 from .files import copy_atomic, save_atomic, write_atomic, yaml_load
 from .flops import count_params
-from .model import ZOO, create_model, unknown_model_error
-from .weights import TRAINING_FORMAT, load_checkpoint, model_from_checkpoint
+from .model import ZOO, create_model, model_from_checkpoint, unknown_model_error
+from .weights import TRAINING_FORMAT, load_checkpoint
 
 # Every key a recipe may set. The values are the built-in default run (`cvt train` with no config, `make demo`;
 # configs/digits.yaml spells it out): a small CvT on scikit-learn's 8 x 8 digits upsampled to 32 x 32, in about
-# two minutes on a 2-core CPU. The recipes in configs/ give every value that matters for them.
+# two minutes on a 2-core CPU. Every recipe in configs/ is laid over them, directly or through its `base` recipes.
 DEFAULTS: dict[str, Any] = {
     "name": "digits_cvt_tiny",
     "seed": 0,
@@ -106,7 +109,28 @@ DEFAULTS: dict[str, Any] = {
         "epochs_per_run": None,               # stop after this many epochs (time-limited jobs), then resume
         "keep_epoch_checkpoints": 3,
         "progress": True,                     # tqdm bar
+        "accel": True,                        # the training speed-ups of cvt.accel.accelerate_training
     },
+}
+# The type of each key that its default does not give (a null default, a key that also takes null, fractional
+# warm-up epochs), with an example value; every other key takes its default's type. `Path`: a string or an
+# os.PathLike. `model.args` is open: CvT checks its own arguments.
+TYPES: dict[str, tuple[Any, Any]] = {
+    "model.pretrained": (Path | None, "CvT-13-384x384-IN-22k.pth"),
+    "data.root": (Path | None, "/data/imagenet"),
+    "data.eval_crop_pct": (float | None, 0.875),
+    "data.eval_crop_mode": (str | None, "center"),
+    "data.augment.color_jitter": (float | list[float] | None, 0.4),
+    "data.augment.auto_augment": (str | None, "rand-m9-mstd0.5-inc1"),
+    "train.steps": (int | None, 10000),
+    "train.micro_batch_size": (int | None, 128),
+    "train.lr_base_batch": (int | None, 256),
+    "train.warmup_epochs": (float, 5),
+    "train.clip_grad": (float | None, 1.0),
+    "train.amp": (str | None, "bf16"),
+    "train.ema_decay": (float | None, 0.9998),
+    "train.resume": (bool | Path | None, True),
+    "train.epochs_per_run": (int | None, 10),
 }
 # Optimizer steps between the host's reads of the loss (the progress bar, the divergence check). A read waits for
 # the device to finish all queued work, so it is not done every step.
@@ -115,8 +139,55 @@ CHECK_EVERY = 10
 # ---------------------------------------------------------------------------------------------------------------
 # Configuration
 
+# How error messages name a type: (one value, several values).
+TYPE_NAMES = {bool: ("true or false", "booleans"), int: ("an integer", "integers"), float: ("a number", "numbers"),
+              str: ("a string", "strings"), Path: ("a path", "paths"), type(None): ("null", "nulls")}
+
+
+def key_type(key: str) -> tuple[Any, Any]:
+    """The type of the dotted config key and an example value: its entry in TYPES, else its default's type (a list
+    default: a list of its items' type) and the default."""
+    if key in TYPES:
+        return TYPES[key]
+    default = DEFAULTS
+    for part in key.split("."):
+        default = default[part]
+    return (list[type(default[0])] if isinstance(default, list) else type(default)), default
+
+
+def is_of_type(value: Any, kind: Any) -> bool:
+    """Whether `value` is of `kind`: a float may be an int, a bool is neither, a list may be a tuple."""
+    if isinstance(kind, types.UnionType):
+        return any(is_of_type(value, k) for k in typing.get_args(kind))
+    if typing.get_origin(kind) is list:
+        return isinstance(value, (list, tuple)) and all(is_of_type(v, typing.get_args(kind)[0]) for v in value)
+    if kind in (int, float):
+        return isinstance(value, int if kind is int else (int, float)) and not isinstance(value, bool)
+    if kind is Path:
+        return isinstance(value, (str, os.PathLike))
+    return isinstance(value, kind)
+
+
+def type_name(kind: Any, plural: bool = False) -> str:
+    if isinstance(kind, types.UnionType):
+        *names, last = [type_name(k, plural) for k in typing.get_args(kind)]
+        return f"{', '.join(names)} or {last}"
+    if typing.get_origin(kind) is list:
+        return f"a list of {type_name(typing.get_args(kind)[0], plural=True)}"
+    return TYPE_NAMES[kind][plural]
+
+
+def check_type(key: str, value: Any) -> None:
+    kind, example = key_type(key)
+    if not is_of_type(value, kind):
+        text = example if isinstance(example, str) else json.dumps(example)
+        raise ValueError(f"config key {key!r} takes {type_name(kind)}, e.g. {key}={text}; "
+                         f"got {json.dumps(value, default=repr)}")
+
+
 def merge_config(base: dict, update: dict, where: str = "") -> dict:
-    """`base` with `update` laid over it; a key `base` lacks is an error suggesting the close ones.
+    """`base` with `update` laid over it; a key `base` lacks is an error suggesting the close ones, and so is a
+    value of the wrong type (`check_type`).
 
     `model.args` is open: any CvT argument may go there (the model checks them), and a mapping given for it
     replaces the one in `base`.
@@ -138,22 +209,39 @@ def merge_config(base: dict, update: dict, where: str = "") -> dict:
                 raise ValueError(f"config key {path!r} is a section ({', '.join(base[key])}), got {value!r}")
             out[key] = merge_config(base[key], value, f"{path}.")
         else:
+            check_type(path, value)
             out[key] = copy.deepcopy(value)
     return out
 
 
+def read_recipe(path: Path, derived: tuple[Path, ...] = ()) -> dict:
+    """The config of the recipe file at `path`: the config of its `base` (a recipe file, relative to this one's
+    folder; the defaults where it names none) with the file's keys laid over it. `derived`: the recipes that
+    named this one as their base, for the errors."""
+    if path.resolve() in [p.resolve() for p in derived]:
+        chain = " -> ".join(str(p) for p in (*derived, path))
+        raise ValueError(f"{path}: a cycle of base recipes ({chain})")
+    if not path.is_file():
+        where = f"the base of {derived[-1]}" if derived else "the recipes are in configs/"
+        raise FileNotFoundError(f"no config file {path} ({where})")
+    recipe = yaml_load(path.read_text()) or {}
+    if not isinstance(recipe, dict):
+        raise ValueError(f"{path} is not a YAML mapping of config sections")
+    base = recipe.pop("base", None)
+    if base is not None and not isinstance(base, str):
+        raise ValueError(f"{path}: base names the recipe file this one changes (e.g. base: digits.yaml), "
+                         f"got {base!r}")
+    config = read_recipe(path.parent / base, (*derived, path)) if base else copy.deepcopy(DEFAULTS)
+    try:
+        return merge_config(config, recipe)
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
+
+
 def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tuple[str, ...] = ()) -> dict:
-    """A recipe: the defaults, the YAML file at `path` (None: the built-in digits default) and dotted
+    """A recipe: the YAML file at `path` through its chain of bases (None: the built-in digits default) and dotted
     `key=value` overrides with YAML-typed values (`train.lr=1e-3`, `model.args.depths=[1,2,10]`)."""
-    config = copy.deepcopy(DEFAULTS)
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"no config file {path} (the recipes are in configs/)")
-        recipe = yaml_load(path.read_text()) or {}
-        if not isinstance(recipe, dict):
-            raise ValueError(f"{path} is not a YAML mapping of config sections")
-        config = merge_config(config, recipe)
+    config = copy.deepcopy(DEFAULTS) if path is None else read_recipe(Path(path))
     for item in overrides:
         key, sep, text = item.partition("=")
         if not sep or not key:
@@ -172,6 +260,25 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tu
 # ---------------------------------------------------------------------------------------------------------------
 # Processes, devices, randomness
 
+@dataclasses.dataclass
+class Processes:
+    """This process among the training processes: torchrun's rank and world size (0 and 1 without torchrun)."""
+
+    rank: int
+    world: int
+    device: torch.device
+    started_group: bool  # whether `train` started the process group, and so ends it
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def log(self, message: str) -> None:
+        """Print on the main process only."""
+        if self.is_main:
+            print(message)
+
+
 def pick_device(name: str, local_rank: int = 0) -> torch.device:
     """"auto": this process's GPU if there is one, else the CPU."""
     if name == "auto":
@@ -183,16 +290,16 @@ def pick_device(name: str, local_rank: int = 0) -> torch.device:
     return device
 
 
-def setup_distributed(device_name: str) -> tuple[int, int, torch.device, bool]:
-    """(rank, world size, device, whether we started the process group). torchrun sets WORLD_SIZE and friends:
-    NCCL on GPUs, gloo on the CPU."""
+def setup_distributed(device_name: str) -> Processes:
+    """This process's rank, world size and device. torchrun sets WORLD_SIZE and friends: NCCL on GPUs, gloo on the
+    CPU."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     device = pick_device(device_name, int(os.environ.get("LOCAL_RANK", "0")))
     started = False
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
         started = True
-    return (dist.get_rank() if world > 1 else 0), world, device, started
+    return Processes(dist.get_rank() if world > 1 else 0, world, device, started)
 
 
 def seed_everything(seed: int) -> None:
@@ -223,6 +330,15 @@ def set_rng_state(state: dict[str, Any]) -> None:
                          n["cached_gaussian"]))
     p = state["python"]
     random.setstate((p["version"], tuple(p["state"]), p["gauss"]))
+
+
+def all_rng_states(world: int) -> list[dict[str, Any]]:
+    """Every process's `rng_state`, in rank order; all processes call it together."""
+    if world == 1:
+        return [rng_state()]
+    states = [None] * world
+    dist.all_gather_object(states, rng_state())
+    return states
 
 
 def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
@@ -268,21 +384,119 @@ def plot_curves(rows: list[dict[str, Any]], path: Path) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Models and checkpoints
+# Models, checkpoints, evaluation
 
-def read_training_checkpoint(path: str | os.PathLike) -> dict[str, Any] | None:
+def read_training_checkpoint(path: str | os.PathLike, mmap: bool = True) -> dict[str, Any] | None:
     """The whole state of a checkpoint written by `train` (config, optimizer, ...); None for any other file.
 
-    Recognised by its content, whatever its name, as `weights.load_checkpoint` recognises it; mmap, so that reading
-    the config or the epoch does not load the tensors."""
+    Recognised by its content, whatever its name, as `weights.load_checkpoint` recognises it; `weights_only`,
+    and by default mmap, so that reading the config or the epoch does not load the tensors."""
     path = Path(path)
     if not path.is_file():
         return None
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except (pickle.UnpicklingError, RuntimeError):
         return None
     return state if isinstance(state, dict) and state.get("format") == TRAINING_FORMAT else None
+
+
+@dataclasses.dataclass
+class TrainingState:
+    """Everything a training checkpoint holds, and its files in `directory`: `last.pth` every epoch, copied to
+    `best.pth` when the epoch is the best so far and to `epoch_NNNN.pth`, of which the last `keep_epochs` stay.
+
+    The modules and optimisation state are restored in place on `load`; `epoch`, `step`, `seconds`, `history` and
+    `best` say where the run is; `model_name`, `model_args`, `pretrained_cfg` and `config` describe it (they are
+    what `cvt.weights` and `model_from_checkpoint` read).
+    """
+
+    directory: Path
+    keep_epochs: int
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    scaler: torch.amp.GradScaler
+    ema: nn.Module | None
+    model_name: str
+    model_args: dict[str, Any]
+    pretrained_cfg: dict[str, Any]
+    config: dict[str, Any]
+    epoch: int = 0
+    step: int = 0
+    seconds: float = 0.0
+    history: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    best: dict[str, Any] = dataclasses.field(default_factory=lambda: {"top1": -1.0, "epoch": 0})
+
+    @property
+    def last(self) -> Path:
+        return self.directory / "last.pth"
+
+    def record(self, row: dict[str, Any], seconds: float) -> None:
+        """The end of the epoch of `row` (a metrics row), `seconds` into the run."""
+        self.history.append(row)
+        self.epoch, self.seconds = row["epoch"], seconds
+        if row["top1"] > self.best["top1"]:
+            self.best = {"top1": row["top1"], "epoch": row["epoch"]}
+
+    def state_dict(self, rng: list[dict[str, Any]]) -> dict[str, Any]:
+        """The checkpoint, with `rng` (every process's `rng_state`, in rank order)."""
+        return {
+            "format": TRAINING_FORMAT,
+            "model": self.model.state_dict(),
+            "model_name": self.model_name,
+            "model_args": self.model_args,
+            "pretrained_cfg": self.pretrained_cfg,
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "ema": self.ema.state_dict() if self.ema is not None else None,
+            "rng": rng,
+            "epoch": self.epoch,
+            "step": self.step,
+            "seconds": self.seconds,
+            "history": self.history,
+            "best": self.best,
+            "config": self.config,
+        }
+
+    def save(self, rng: list[dict[str, Any]]) -> None:
+        """Write last.pth, then its copies (epoch_NNNN.pth, best.pth), dropping the epoch files beyond the last
+        `keep_epochs`."""
+        save_atomic(self.state_dict(rng), self.last)
+        if self.keep_epochs:
+            copy_atomic(self.last, self.directory / f"epoch_{self.epoch:04d}.pth")
+            for old in sorted(self.directory.glob("epoch_*.pth"))[:-self.keep_epochs]:
+                old.unlink()
+        if self.best["epoch"] == self.epoch:
+            copy_atomic(self.last, self.directory / "best.pth")
+
+    def load(self, path: Path, rank: int = 0, world: int = 1) -> None:
+        """Restore the checkpoint at `path`; this process's random generators too when as many processes wrote
+        it (with another number each keeps its fresh seeding)."""
+        if not path.is_file():
+            raise FileNotFoundError(f"nothing to resume from: no checkpoint {path}")
+        saved = read_training_checkpoint(path, mmap=False)
+        if saved is None:
+            raise ValueError(f"{path} is not a training checkpoint written by `cvt train`; to start from its "
+                             "weights, set model.pretrained instead")
+        self.model.load_state_dict(saved["model"])
+        self.optimizer.load_state_dict(saved["optimizer"])
+        self.scheduler.load_state_dict(saved["scheduler"])
+        self.scaler.load_state_dict(saved["scaler"])
+        if self.ema is not None:
+            self.ema.load_state_dict(saved["ema"])
+        if len(saved["rng"]) == world:
+            set_rng_state(saved["rng"][rank])
+        self.epoch, self.step, self.seconds = saved["epoch"], saved["step"], saved["seconds"]
+        self.history, self.best = saved["history"], saved["best"]
+
+
+def checkpoint_note(path: Path) -> str:
+    state = read_training_checkpoint(path)
+    if state is None:
+        return "no checkpoint was written before it"
+    return f"the last good checkpoint is {path} (epoch {state['epoch']}); resume from it with --resume"
 
 
 def build_model(model_cfg: dict, num_classes: int) -> tuple[nn.Module, dict[str, Any]]:
@@ -306,22 +520,19 @@ def build_model(model_cfg: dict, num_classes: int) -> tuple[nn.Module, dict[str,
 def evaluate(model: nn.Module, loader: DataLoader, device: torch.device,
              amp_dtype: torch.dtype | None = None) -> dict[str, float]:
     """Top-1 and top-5 (%) and mean cross-entropy over the loader, summed over all processes (each holds its own
-    shard of the held-out set, so nothing is counted twice). On the CPU each batch reuses the buffers of the one
-    before (`reuse_cpu_buffers`), which are freed at the end."""
+    shard of the held-out set, so nothing is counted twice)."""
     model.eval()
     # Sums on the device (loss, top-1, top-5) and counts on the host: a host-to-device copy per batch would wait.
     totals, images_seen, skipped_seen = torch.zeros(3, dtype=torch.float64, device=device), 0, 0
     for images, targets, skipped in loader:
         images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
-        with (reuse_cpu_buffers(enabled=device.type == "cpu"),
-              torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)):
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             logits = model(images)
         logits = logits.float()
         top = logits.topk(min(5, logits.shape[1]), dim=1).indices == targets[:, None]
         totals += torch.stack([F.cross_entropy(logits, targets, reduction="sum").double(),
                                top[:, 0].sum().double(), top.any(dim=1).sum().double()])
         images_seen, skipped_seen = images_seen + len(targets), skipped_seen + skipped
-    release_cpu_buffers()
     totals = torch.cat([totals, totals.new_tensor([images_seen, skipped_seen])])
     loss, top1, top5, n, skipped = all_reduce_sum(totals).tolist()
     if n == 0:
@@ -360,15 +571,355 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, model_name: str | None = 
         raise ValueError(f"{data_cfg['dataset']} has {len(class_names)} classes but the model predicts "
                          f"{model.num_classes}: evaluate it on the data it was trained or fine-tuned for")
     device_ = pick_device(device)
-    result = evaluate(move_to(model, device_), eval_loader(dataset, batch_size, data_cfg["workers"]), device_)
+    fast = optimize_for_inference(model.to(device_), compile=False)
+    result = evaluate(fast, eval_loader(dataset, batch_size, data_cfg["workers"]), device_)
     return dict(result, dataset=data_cfg["dataset"], img_size=data_cfg["img_size"], checkpoint=str(checkpoint))
 
 
-def checkpoint_note(path: Path) -> str:
-    state = read_training_checkpoint(path)
-    if state is None:
-        return "no checkpoint was written before it"
-    return f"the last good checkpoint is {path} (epoch {state['epoch']}); resume from it with --resume"
+# ---------------------------------------------------------------------------------------------------------------
+# Training: the parts `train` wires
+
+AMP_DTYPES = {None: None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def training_config(config: dict) -> dict:
+    """`config` laid over the defaults, and checked before any set-up: the model name, the length, train.amp."""
+    cfg = merge_config(DEFAULTS, config)
+    t_cfg = cfg["train"]
+    if cfg["model"]["name"] not in ZOO:
+        raise unknown_model_error(cfg["model"]["name"])
+    if not (t_cfg["epochs"] >= 1 or (t_cfg["steps"] or 0) >= 1):
+        raise ValueError("train.epochs (or train.steps) must be at least 1")
+    if t_cfg["amp"] not in AMP_DTYPES:
+        raise ValueError(f"train.amp must be null, bf16 or fp16, got {t_cfg['amp']!r}")
+    return cfg
+
+
+@dataclasses.dataclass
+class TrainingData:
+    """The data and how the run goes through it: this process's micro-batches, `accumulation` of them per
+    optimizer step, `steps_per_epoch`, and the run's length (`epochs`, `total_steps`)."""
+
+    seed: int
+    class_names: list[str]
+    train_set: Dataset
+    val_set: Dataset
+    train_loader: DataLoader  # a DistributedSampler and a generator, both reseeded every epoch
+    val_loader: DataLoader    # this process's shard of the held-out set
+    micro_batch: int
+    accumulation: int
+    steps_per_epoch: int
+    epochs: int
+    total_steps: int
+
+    def start_epoch(self, epoch: int) -> None:
+        """Shuffle for `epoch` and seed its workers' augmentation, the same way when a resumed run reaches it."""
+        self.train_loader.sampler.set_epoch(epoch)
+        self.train_loader.generator.manual_seed(self.seed * 100_003 + epoch)
+
+
+def build_data(cfg: dict, processes: Processes) -> TrainingData:
+    d_cfg, t_cfg, world = cfg["data"], cfg["train"], processes.world
+    train_set, val_set, class_names = build_datasets(d_cfg, ZOO[cfg["model"]["name"]][1])
+    micro = t_cfg["micro_batch_size"] or t_cfg["batch_size"] // world
+    if micro < 1 or t_cfg["batch_size"] % (micro * world):
+        raise ValueError(f"train.batch_size {t_cfg['batch_size']} is not a multiple of micro_batch_size {micro} x "
+                         f"{world} processes: make it one, so that gradient accumulation reaches it exactly")
+    accumulation = t_cfg["batch_size"] // (micro * world)
+    sampler = DistributedSampler(train_set, num_replicas=world, rank=processes.rank, shuffle=True,
+                                 seed=cfg["seed"])
+    pin_memory = processes.device.type == "cuda"
+    # Workers restart every epoch (not persistent) so that they take that epoch's seeds, which a resume repeats.
+    train_loader = DataLoader(train_set, micro, sampler=sampler, num_workers=d_cfg["workers"],
+                              collate_fn=collate_skipping, drop_last=True, pin_memory=pin_memory,
+                              generator=torch.Generator())
+    val_loader = eval_loader(val_set, micro, d_cfg["workers"], processes.rank, world, pin_memory)
+    steps_per_epoch = len(train_loader) // accumulation
+    if steps_per_epoch == 0:
+        raise ValueError(f"the training set ({len(train_set)} images) is smaller than one batch of "
+                         f"{t_cfg['batch_size']}: lower train.batch_size")
+    if t_cfg["steps"]:
+        total_steps, epochs = t_cfg["steps"], math.ceil(t_cfg["steps"] / steps_per_epoch)
+    else:
+        total_steps, epochs = t_cfg["epochs"] * steps_per_epoch, t_cfg["epochs"]
+    return TrainingData(cfg["seed"], class_names, train_set, val_set, train_loader, val_loader, micro, accumulation,
+                        steps_per_epoch, epochs, total_steps)
+
+
+@dataclasses.dataclass
+class TrainingModels:
+    """The model being trained, in the form each use needs."""
+
+    model: nn.Module            # the weights: what the optimizer updates and checkpoints hold
+    ema: Any                    # timm's ModelEmaV3 of them (train.ema_decay), or None
+    compiled: nn.Module         # what evaluation runs: torch.compile's wrapper (model.compile), else the model
+    distributed: nn.Module      # what training runs: `compiled` in DistributedDataParallel under torchrun
+    provenance: dict[str, Any]  # where the weights came from (`build_model`)
+
+    @property
+    def ema_model(self) -> nn.Module | None:
+        return self.ema.module if self.ema is not None else None
+
+
+def build_models(cfg: dict, processes: Processes, num_classes: int) -> TrainingModels:
+    from timm.utils import ModelEmaV3
+
+    m_cfg, device = cfg["model"], processes.device
+    model, provenance = build_model(m_cfg, num_classes)
+    if provenance.get("head_replaced"):
+        processes.log(f"fine-tuning from {provenance['pretrained']}: new {num_classes}-class head "
+                      f"(the checkpoint's had {provenance['pretrained_classes']})")
+    model.to(device)
+    if cfg["train"]["accel"]:
+        accelerate_training(model, device, compiled=m_cfg["compile"])
+    if m_cfg["sync_bn"] and processes.world > 1:
+        if device.type != "cuda":
+            raise ValueError("model.sync_bn needs GPUs (PyTorch's SyncBatchNorm runs on CUDA only): "
+                             "unset it on the CPU")
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    ema = ModelEmaV3(model, decay=cfg["train"]["ema_decay"]) if cfg["train"]["ema_decay"] else None
+    compiled = compile_model(model) if m_cfg["compile"] else model
+    distributed = compiled
+    if processes.world > 1:
+        distributed = nn.parallel.DistributedDataParallel(compiled,
+                                                          device_ids=[device] if device.type == "cuda" else None)
+    return TrainingModels(model, ema, compiled, distributed, provenance)
+
+
+@dataclasses.dataclass
+class Optimization:
+    """The optimizer and its per-step schedule, mixed precision, and the loss (with Mixup / CutMix)."""
+
+    lr: float                       # train.lr, scaled to the batch size by train.lr_base_batch
+    optimizer: torch.optim.Optimizer
+    scheduler: Any                  # timm's CosineLRScheduler, stepped per optimizer step
+    scaler: torch.amp.GradScaler    # on for fp16 only
+    amp_dtype: torch.dtype | None
+    clip_grad: float | None
+    mixup: Any                      # timm's Mixup, or None
+    criterion: nn.Module
+
+    @property
+    def current_lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+
+def build_optimization(t_cfg: dict, model: nn.Module, data: TrainingData, device: torch.device) -> Optimization:
+    from timm.data import Mixup
+    from timm.loss import SoftTargetCrossEntropy
+    from timm.optim import create_optimizer_v2
+    from timm.scheduler import CosineLRScheduler
+
+    lr = t_cfg["lr"] * (t_cfg["batch_size"] / t_cfg["lr_base_batch"] if t_cfg["lr_base_batch"] else 1)
+    # torch's Adam/AdamW: one fused kernel per step over all parameters, on the CPU and CUDA alike.
+    fused = {"fused": True} if t_cfg["optimizer"] in ("adam", "adamw") else {}
+    optimizer = create_optimizer_v2(model, opt=t_cfg["optimizer"], lr=lr, weight_decay=t_cfg["weight_decay"],
+                                    momentum=t_cfg["momentum"], **fused)
+    # Warm-up from warmup_lr, cosine decay to min_lr, then the cool-down epochs at min_lr.
+    cosine_steps = max(1, data.total_steps - t_cfg["cooldown_epochs"] * data.steps_per_epoch)
+    scheduler = CosineLRScheduler(optimizer, t_initial=cosine_steps, lr_min=t_cfg["min_lr"],
+                                  warmup_t=round(t_cfg["warmup_epochs"] * data.steps_per_epoch),
+                                  warmup_lr_init=t_cfg["warmup_lr"], t_in_epochs=False)
+    amp_dtype = AMP_DTYPES[t_cfg["amp"]]
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    mixup = None
+    if t_cfg["mixup"] > 0 or t_cfg["cutmix"] > 0:
+        mixup = Mixup(mixup_alpha=t_cfg["mixup"], cutmix_alpha=t_cfg["cutmix"], prob=t_cfg["mixup_prob"],
+                      switch_prob=t_cfg["mixup_switch_prob"], label_smoothing=t_cfg["label_smoothing"],
+                      num_classes=len(data.class_names))
+    criterion = SoftTargetCrossEntropy() if mixup else nn.CrossEntropyLoss(label_smoothing=t_cfg["label_smoothing"])
+    return Optimization(lr, optimizer, scheduler, scaler, amp_dtype, t_cfg["clip_grad"], mixup, criterion)
+
+
+def new_training_state(cfg: dict, output_dir: Path, models: TrainingModels, optimization: Optimization,
+                       class_names: list[str]) -> TrainingState:
+    """The state of a run at its start, with the description its checkpoints carry."""
+    crop_pct, crop_mode = eval_crop(cfg["data"], ZOO[cfg["model"]["name"]][1])
+    return TrainingState(
+        directory=output_dir, keep_epochs=cfg["train"]["keep_epoch_checkpoints"], model=models.model,
+        optimizer=optimization.optimizer, scheduler=optimization.scheduler, scaler=optimization.scaler,
+        ema=models.ema_model, model_name=cfg["model"]["name"],
+        model_args={k: v for k, v in models.model.config.items() if k != "num_classes"},
+        pretrained_cfg={"label_names": class_names, "crop_pct": crop_pct, "crop_mode": crop_mode}, config=cfg)
+
+
+def resume(state: TrainingState, resume_from: bool | str | os.PathLike, processes: Processes) -> None:
+    """Load `train.resume`'s checkpoint into `state`: true is the output directory's last.pth."""
+    path = state.last if resume_from is True else Path(resume_from)
+    state.load(path, processes.rank, processes.world)
+    processes.log(f"resumed from {path}: epoch {state.epoch}, step {state.step}")
+
+
+def describe_run(cfg: dict, data: TrainingData, models: TrainingModels, optimization: Optimization,
+                 processes: Processes) -> str:
+    """The log line that opens a run."""
+    return (f"{cfg['name']}: {cfg['model']['name']} ({count_params(models.model):,} parameters) on "
+            f"{cfg['data']['dataset']} ({len(data.train_set)} training / {len(data.val_set)} held-out images, "
+            f"{len(data.class_names)} classes), {data.epochs} epochs of {data.steps_per_epoch} steps, batch "
+            f"{cfg['train']['batch_size']} = {data.micro_batch} x {processes.world} processes x "
+            f"{data.accumulation} accumulated, lr {optimization.lr:.3g}, {processes.device}")
+
+
+def epochs_of_this_run(t_cfg: dict, data: TrainingData, state: TrainingState) -> Iterator[int]:
+    """The epochs this run trains: from the checkpoint's on, until the last step, or train.epochs_per_run of them."""
+    end = data.epochs
+    if t_cfg["epochs_per_run"]:
+        end = min(end, state.epoch + t_cfg["epochs_per_run"])
+    for epoch in range(state.epoch, end):
+        if state.step >= data.total_steps:
+            return
+        yield epoch
+
+
+class FirstNonFiniteLoss:
+    """This process's first non-finite loss: its optimizer step (0: none yet) and value. They stay on the device,
+    so that noting each loss costs no read by the host."""
+
+    def __init__(self, device: torch.device):
+        self.step = torch.zeros((), device=device)
+        self.value = torch.zeros((), device=device)
+
+    def note(self, loss: torch.Tensor, step: int) -> None:
+        first = ~torch.isfinite(loss) & (self.step == 0)
+        self.step = torch.where(first, step, self.step)
+        self.value = torch.where(first, loss.float(), self.value)
+
+    def read_loss(self, loss: torch.Tensor, epoch: int, step: int, last_checkpoint: Path) -> float:
+        """`loss` on the host; raises FloatingPointError, in every process together, if any process has noted a
+        non-finite loss (their count is summed). One read of the device for both."""
+        diverged = all_reduce_sum((self.step > 0).float())
+        loss_now, diverged, first_step, first_loss = torch.stack([loss.float(), diverged, self.step,
+                                                                  self.value]).tolist()
+        if diverged:
+            where = (f"is {first_loss} at epoch {epoch + 1}, step {int(first_step)}" if first_step
+                     else f"stopped being finite in another process by epoch {epoch + 1}, step {step}")
+            raise FloatingPointError(
+                f"the loss {where}: training diverged and stopped; {checkpoint_note(last_checkpoint)}. Lower "
+                "train.lr, set train.clip_grad, or use train.amp=bf16 rather than fp16")
+        return loss_now
+
+
+def mix_batch(mixup: Any, images: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mixup / CutMix of the batch (soft targets), or the batch as it is without them."""
+    if mixup is None:
+        return images, targets
+    if len(images) % 2:  # a skipped image left an odd batch: Mixup pairs images
+        images, targets = images[:-1], targets[:-1]
+    return mixup(images, targets)
+
+
+def backward(model: nn.Module, optimization: Optimization, images: torch.Tensor, targets: torch.Tensor,
+             accumulation: int, sync: bool) -> torch.Tensor:
+    """Forward and backward of one micro-batch, its gradient scaled for accumulation; returns the loss, detached.
+    `sync=False` skips DDP's gradient all-reduce: the last micro-batch of each step does it."""
+    amp_dtype = optimization.amp_dtype
+    with nullcontext() if sync else model.no_sync():
+        with torch.autocast(images.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            loss = optimization.criterion(model(images), targets)
+        optimization.scaler.scale(loss / accumulation).backward()
+    return loss.detach()
+
+
+def optimizer_step(models: TrainingModels, optimization: Optimization, state: TrainingState) -> None:
+    """One step on the accumulated gradients (clipped to train.clip_grad), then the schedule's and the EMA's."""
+    optimizer, scaler = optimization.optimizer, optimization.scaler
+    if optimization.clip_grad:
+        scaler.unscale_(optimizer)
+        nn.utils.clip_grad_norm_(models.model.parameters(), optimization.clip_grad)
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    state.step += 1
+    optimization.scheduler.step_update(state.step)
+    if models.ema is not None:
+        models.ema.update(models.model, step=state.step)
+
+
+def train_one_epoch(epoch: int, models: TrainingModels, optimization: Optimization, data: TrainingData,
+                    state: TrainingState, processes: Processes, show_progress: bool) -> dict[str, float]:
+    """The optimizer steps of `epoch` (fewer where train.steps ends the run in it). Returns its mean training loss
+    and the images skipped (both over all processes), its speed and its seconds."""
+    from tqdm import tqdm
+
+    device, world = processes.device, processes.world
+    data.start_epoch(epoch)
+    models.distributed.train()
+    micro_steps = min(data.steps_per_epoch, data.total_steps - state.step) * data.accumulation
+    loss_sum, non_finite = torch.zeros((), device=device), FirstNonFiniteLoss(device)
+    skipped, images_seen, started = 0, 0, time.time()
+    batches = tqdm(itertools.islice(data.train_loader, micro_steps), total=micro_steps,
+                   desc=f"epoch {epoch + 1}/{data.epochs}", disable=not (processes.is_main and show_progress),
+                   leave=False, dynamic_ncols=True)
+    for i, (images, targets, n_skipped) in enumerate(batches):
+        images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
+        images, targets = mix_batch(optimization.mixup, images, targets)
+        update = (i + 1) % data.accumulation == 0
+        loss = backward(models.distributed, optimization, images, targets, data.accumulation,
+                        sync=update or world == 1)
+        non_finite.note(loss, state.step + 1)
+        loss_sum += loss
+        skipped, images_seen = skipped + n_skipped, images_seen + len(images)
+        if not update:
+            continue
+        optimizer_step(models, optimization, state)
+        if state.step % CHECK_EVERY == 0 or i + 1 == micro_steps:
+            loss_now = non_finite.read_loss(loss, epoch, state.step, state.last)
+            batches.set_postfix(loss=f"{loss_now:.3f}", lr=f"{optimization.current_lr:.2e}",
+                                img_s=f"{images_seen * world / (time.time() - started):.0f}")
+    batches.close()
+    seconds = time.time() - started
+    train_loss, skipped = all_reduce_sum(torch.stack([loss_sum / micro_steps,
+                                                      torch.tensor(float(skipped), device=device)])).tolist()
+    return {"train_loss": train_loss / world, "skipped": skipped, "images_per_second": images_seen * world / seconds,
+            "seconds": seconds}
+
+
+def evaluate_epoch(epoch: int, trained: dict[str, float], models: TrainingModels, optimization: Optimization,
+                   data: TrainingData, state: TrainingState, processes: Processes) -> dict[str, Any]:
+    """Evaluate the model (and its EMA) on the held-out set; returns the epoch's row of metrics.jsonl."""
+    from timm.utils import distribute_bn
+
+    device, amp_dtype = processes.device, optimization.amp_dtype
+    ema = models.ema_model
+    if processes.world > 1:  # every process evaluates rank 0's BatchNorm statistics, the ones its checkpoint holds
+        for bn_model in (models.model, ema) if ema is not None else (models.model,):
+            distribute_bn(bn_model, processes.world, reduce=False)
+    val = evaluate(models.compiled, data.val_loader, device, amp_dtype)
+    row = {"epoch": epoch + 1, "step": state.step, "lr": optimization.current_lr,
+           "train_loss": trained["train_loss"], "val_loss": val["loss"], "top1": val["top1"], "top5": val["top5"],
+           "images_per_second": trained["images_per_second"], "epoch_seconds": trained["seconds"],
+           "skipped_images": int(trained["skipped"] + val["skipped"])}
+    if ema is not None:
+        ema_val = evaluate(ema, data.val_loader, device, amp_dtype)
+        row.update(ema_top1=ema_val["top1"], ema_top5=ema_val["top5"], ema_loss=ema_val["loss"])
+    return row
+
+
+def describe_epoch(row: dict[str, Any], epochs: int) -> str:
+    """The log line of an epoch's metrics row."""
+    ema_note = f", EMA top-1 {row['ema_top1']:.2f}%" if "ema_top1" in row else ""
+    skip_note = f", skipped {row['skipped_images']} unreadable images" if row["skipped_images"] else ""
+    return (f"epoch {row['epoch']}/{epochs}: train loss {row['train_loss']:.4f}, held-out loss "
+            f"{row['val_loss']:.4f}, top-1 {row['top1']:.2f}%, top-5 {row['top5']:.2f}%{ema_note}, lr "
+            f"{row['lr']:.2e}, {row['epoch_seconds']:.1f} s ({row['images_per_second']:.0f} img/s){skip_note}")
+
+
+def summarize(cfg: dict, state: TrainingState, data: TrainingData, models: TrainingModels,
+              processes: Processes) -> dict[str, Any]:
+    """The run's result: the last epoch's metrics, the best epoch, and what ran where."""
+    final = state.history[-1]
+    summary = {
+        "name": cfg["name"], "model": cfg["model"]["name"], "dataset": cfg["data"]["dataset"],
+        "num_classes": len(data.class_names), "img_size": cfg["data"]["img_size"], "top1": final["top1"],
+        "top5": final["top5"], "loss": final["val_loss"], "best_top1": state.best["top1"],
+        "best_epoch": state.best["epoch"], "epochs": final["epoch"], "total_epochs": data.epochs,
+        "steps": final["step"], "finished": final["epoch"] == data.epochs, "seconds": state.seconds,
+        "params": count_params(models.model), "device": str(processes.device), "world_size": processes.world,
+        "checkpoint": str(state.last), **models.provenance,
+    }
+    if models.ema is not None:
+        summary.update(ema_top1=final["ema_top1"], ema_top5=final["ema_top5"], ema_loss=final["ema_loss"])
+    return summary
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -376,259 +927,33 @@ def checkpoint_note(path: Path) -> str:
 
 def train(config: dict, output_dir: str | os.PathLike) -> dict[str, Any]:
     """Run one training (resuming if `train.resume` says so); returns the summary also written to summary.json."""
-    from timm.data import Mixup
-    from timm.loss import SoftTargetCrossEntropy
-    from timm.optim import create_optimizer_v2
-    from timm.scheduler import CosineLRScheduler
-    from timm.utils import ModelEmaV3, distribute_bn
-    from tqdm import tqdm
-
-    cfg = merge_config(DEFAULTS, config)
-    m_cfg, d_cfg, t_cfg = cfg["model"], cfg["data"], cfg["train"]
-    if m_cfg["name"] not in ZOO:
-        raise unknown_model_error(m_cfg["name"])
-    amp_dtypes = {None: None, "bf16": torch.bfloat16, "fp16": torch.float16}
-    if not (t_cfg["epochs"] >= 1 or (t_cfg["steps"] or 0) >= 1):
-        raise ValueError("train.epochs (or train.steps) must be at least 1")
-    if t_cfg["amp"] not in amp_dtypes:
-        raise ValueError(f"train.amp must be null, bf16 or fp16, got {t_cfg['amp']!r}")
-    output_dir = Path(output_dir)
-    rank, world, device, started_group = setup_distributed(t_cfg["device"])
-    is_main = rank == 0
-    log = print if is_main else (lambda *a, **k: None)
-    if is_main:
-        output_dir.mkdir(parents=True, exist_ok=True)
+    cfg = training_config(config)
+    t_cfg = cfg["train"]
+    processes = setup_distributed(t_cfg["device"])
     seed_everything(cfg["seed"])  # the same initial weights on every process
-
-    # Data -------------------------------------------------------------------------------------------------
-    train_set, val_set, class_names = build_datasets(d_cfg, ZOO[m_cfg["name"]][1])
-    micro = t_cfg["micro_batch_size"] or t_cfg["batch_size"] // world
-    if micro < 1 or t_cfg["batch_size"] % (micro * world):
-        raise ValueError(f"train.batch_size {t_cfg['batch_size']} is not a multiple of micro_batch_size {micro} x "
-                         f"{world} processes: make it one, so that gradient accumulation reaches it exactly")
-    accum = t_cfg["batch_size"] // (micro * world)
-    sampler = DistributedSampler(train_set, num_replicas=world, rank=rank, shuffle=True, seed=cfg["seed"])
-    loader_rng = torch.Generator()  # reseeded every epoch: the workers' augmentation seeds survive a resume
-    # Workers restart every epoch (not persistent) so that they take that epoch's seeds, which a resume repeats.
-    train_loader = DataLoader(train_set, micro, sampler=sampler, num_workers=d_cfg["workers"],
-                              collate_fn=collate_skipping, drop_last=True, pin_memory=device.type == "cuda",
-                              generator=loader_rng)
-    val_loader = eval_loader(val_set, micro, d_cfg["workers"], rank, world, device.type == "cuda")
-    steps_per_epoch = len(train_loader) // accum
-    if steps_per_epoch == 0:
-        raise ValueError(f"the training set ({len(train_set)} images) is smaller than one batch of "
-                         f"{t_cfg['batch_size']}: lower train.batch_size")
-    if t_cfg["steps"]:
-        total_steps = t_cfg["steps"]
-        epochs = math.ceil(total_steps / steps_per_epoch)
-    else:
-        epochs = t_cfg["epochs"]
-        total_steps = epochs * steps_per_epoch
-
-    # Model ------------------------------------------------------------------------------------------------
-    model, provenance = build_model(m_cfg, len(class_names))
-    if provenance.get("head_replaced"):
-        log(f"fine-tuning from {provenance['pretrained']}: new {len(class_names)}-class head "
-            f"(the checkpoint's had {provenance['pretrained_classes']})")
-    move_to(model, device)
-    if m_cfg["sync_bn"] and world > 1:
-        if device.type != "cuda":
-            raise ValueError("model.sync_bn needs GPUs (PyTorch's SyncBatchNorm runs on CUDA only): "
-                             "unset it on the CPU")
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    ema = ModelEmaV3(model, decay=t_cfg["ema_decay"]) if t_cfg["ema_decay"] else None
-    run_model = compile_model(model) if m_cfg["compile"] else model
-    train_model = run_model
-    if world > 1:
-        train_model = nn.parallel.DistributedDataParallel(run_model,
-                                                          device_ids=[device] if device.type == "cuda" else None)
-
-    # Optimisation -----------------------------------------------------------------------------------------
-    lr = t_cfg["lr"] * (t_cfg["batch_size"] / t_cfg["lr_base_batch"] if t_cfg["lr_base_batch"] else 1)
-    # torch's Adam/AdamW: one fused kernel per step over all parameters, on the CPU and CUDA alike.
-    fused = {"fused": True} if t_cfg["optimizer"] in ("adam", "adamw") else {}
-    optimizer = create_optimizer_v2(model, opt=t_cfg["optimizer"], lr=lr, weight_decay=t_cfg["weight_decay"],
-                                    momentum=t_cfg["momentum"], **fused)
-    # Per-step cosine: warm-up from warmup_lr, decay to min_lr, then the cool-down epochs at min_lr.
-    cosine_steps = max(1, total_steps - t_cfg["cooldown_epochs"] * steps_per_epoch)
-    scheduler = CosineLRScheduler(optimizer, t_initial=cosine_steps, lr_min=t_cfg["min_lr"],
-                                  warmup_t=round(t_cfg["warmup_epochs"] * steps_per_epoch),
-                                  warmup_lr_init=t_cfg["warmup_lr"], t_in_epochs=False)
-    amp_dtype = amp_dtypes[t_cfg["amp"]]
-    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-    mixup = None
-    if t_cfg["mixup"] > 0 or t_cfg["cutmix"] > 0:
-        mixup = Mixup(mixup_alpha=t_cfg["mixup"], cutmix_alpha=t_cfg["cutmix"], prob=t_cfg["mixup_prob"],
-                      switch_prob=t_cfg["mixup_switch_prob"], label_smoothing=t_cfg["label_smoothing"],
-                      num_classes=len(class_names))
-    criterion = SoftTargetCrossEntropy() if mixup else nn.CrossEntropyLoss(label_smoothing=t_cfg["label_smoothing"])
-
-    # Resume -----------------------------------------------------------------------------------------------
-    start_epoch, step, seconds_before, history = 0, 0, 0.0, []
-    best = {"top1": -1.0, "epoch": 0}
-    last_path = output_dir / "last.pth"
-    seed_everything(cfg["seed"] + rank)  # each process its own augmentation and dropout
+    data = build_data(cfg, processes)
+    models = build_models(cfg, processes, len(data.class_names))
+    optimization = build_optimization(t_cfg, models.model, data, processes.device)
+    state = new_training_state(cfg, Path(output_dir), models, optimization, data.class_names)
+    seed_everything(cfg["seed"] + processes.rank)  # each process its own augmentation and dropout
     if t_cfg["resume"]:
-        resume_path = last_path if t_cfg["resume"] is True else Path(t_cfg["resume"])
-        if not resume_path.is_file():
-            raise FileNotFoundError(f"nothing to resume from: no checkpoint {resume_path}")
-        state = torch.load(resume_path, map_location="cpu", weights_only=True)
-        if not isinstance(state, dict) or state.get("format") != TRAINING_FORMAT:
-            raise ValueError(f"{resume_path} is not a training checkpoint written by `cvt train`; to start from its "
-                             "weights, set model.pretrained instead")
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        if ema is not None:
-            ema.module.load_state_dict(state["ema"])
-        if len(state["rng"]) == world:  # with another number of processes each keeps its fresh seeding
-            set_rng_state(state["rng"][rank])
-        start_epoch, step, seconds_before = state["epoch"], state["step"], state["seconds"]
-        history, best = state["history"], state["best"]
-        log(f"resumed from {resume_path}: epoch {start_epoch}, step {step}")
-
-    # The loop ---------------------------------------------------------------------------------------------
-    params = count_params(model)
-    log(f"{cfg['name']}: {m_cfg['name']} ({params:,} parameters) on {d_cfg['dataset']} "
-        f"({len(train_set)} training / {len(val_set)} held-out images, {len(class_names)} classes), "
-        f"{epochs} epochs of {steps_per_epoch} steps, batch {t_cfg['batch_size']} = {micro} x {world} processes x "
-        f"{accum} accumulated, lr {lr:.3g}, {device}")
-    t_start = time.time()
-    epochs_this_run = 0
-    for epoch in range(start_epoch, epochs):
-        if step >= total_steps or (t_cfg["epochs_per_run"] and epochs_this_run >= t_cfg["epochs_per_run"]):
-            break
-        sampler.set_epoch(epoch)
-        loader_rng.manual_seed(cfg["seed"] * 100_003 + epoch)
-        train_model.train()
-        micro_steps = min(steps_per_epoch, total_steps - step) * accum
-        loss_sum = torch.zeros((), device=device)
-        # The step and value of this process's first non-finite loss (step 0: none yet). They stay on the device
-        # and are read every CHECK_EVERY steps.
-        bad_step, bad_loss = torch.zeros((), device=device), torch.zeros((), device=device)
-        skipped, images_seen, t_epoch = 0, 0, time.time()
-        progress = tqdm(itertools.islice(train_loader, micro_steps), total=micro_steps,
-                        desc=f"epoch {epoch + 1}/{epochs}", disable=not (is_main and t_cfg["progress"]),
-                        leave=False, dynamic_ncols=True)
-        for i, (images, targets, n_skipped) in enumerate(progress):
-            images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
-            skipped += n_skipped
-            if mixup is not None:
-                if len(images) % 2:  # a skipped image left an odd batch: Mixup pairs images
-                    images, targets = images[:-1], targets[:-1]
-                images, targets = mixup(images, targets)
-            update = (i + 1) % accum == 0
-            # Accumulated micro-batches skip DDP's gradient all-reduce; the last one of each step does it.
-            with nullcontext() if update or world == 1 else train_model.no_sync():
-                with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                    loss = criterion(train_model(images), targets)
-                scaler.scale(loss / accum).backward()
-            first_bad = ~torch.isfinite(loss.detach()) & (bad_step == 0)
-            bad_step = torch.where(first_bad, step + 1, bad_step)
-            bad_loss = torch.where(first_bad, loss.detach().float(), bad_loss)
-            loss_sum += loss.detach()
-            images_seen += len(images)
-            if not update:
-                continue
-            if t_cfg["clip_grad"]:
-                scaler.unscale_(optimizer)
-                nn.utils.clip_grad_norm_(model.parameters(), t_cfg["clip_grad"])
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            scheduler.step_update(step)
-            if ema is not None:
-                ema.update(model, step=step)
-            if step % CHECK_EVERY == 0 or i + 1 == micro_steps:
-                # Every process raises together: the count of processes that saw a non-finite loss is summed.
-                diverged = all_reduce_sum((bad_step > 0).float())
-                loss_now, diverged, first_step, first_loss = torch.stack(
-                    [loss.detach().float(), diverged, bad_step, bad_loss]).tolist()
-                if diverged:
-                    where = (f"is {first_loss} at epoch {epoch + 1}, step {int(first_step)}" if first_step
-                             else f"stopped being finite in another process by epoch {epoch + 1}, step {step}")
-                    raise FloatingPointError(
-                        f"the loss {where}: training diverged and stopped; {checkpoint_note(last_path)}. Lower "
-                        "train.lr, set train.clip_grad, or use train.amp=bf16 rather than fp16")
-                progress.set_postfix(loss=f"{loss_now:.3f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}",
-                                     img_s=f"{images_seen * world / (time.time() - t_epoch):.0f}")
-        progress.close()
-
-        # End of the epoch: evaluate, checkpoint, log ----------------------------------------------------------
-        epoch_seconds = time.time() - t_epoch
-        train_loss, skipped = all_reduce_sum(torch.stack([loss_sum / micro_steps,
-                                                          torch.tensor(float(skipped), device=device)])).tolist()
-        if world > 1:  # every process evaluates rank 0's BatchNorm statistics, the ones its checkpoint holds
-            for bn_model in (model, ema.module) if ema is not None else (model,):
-                distribute_bn(bn_model, world, reduce=False)
-        val = evaluate(run_model, val_loader, device, amp_dtype)
-        row = {"epoch": epoch + 1, "step": step, "lr": optimizer.param_groups[0]["lr"],
-               "train_loss": train_loss / world, "val_loss": val["loss"], "top1": val["top1"], "top5": val["top5"],
-               "images_per_second": images_seen * world / epoch_seconds, "epoch_seconds": epoch_seconds,
-               "skipped_images": int(skipped + val["skipped"])}
-        if ema is not None:
-            ema_val = evaluate(ema.module, val_loader, device, amp_dtype)
-            row.update(ema_top1=ema_val["top1"], ema_top5=ema_val["top5"], ema_loss=ema_val["loss"])
-        history.append(row)
-        if val["top1"] > best["top1"]:
-            best = {"top1": val["top1"], "epoch": epoch + 1}
-        epochs_this_run += 1
-        rng = [None] * world
-        if world > 1:
-            dist.all_gather_object(rng, rng_state())
-        else:
-            rng = [rng_state()]
-        if is_main:
-            crop_pct, crop_mode = eval_crop(d_cfg, ZOO[m_cfg["name"]][1])
-            state = {
-                "format": TRAINING_FORMAT,
-                "model": model.state_dict(),
-                "model_name": m_cfg["name"],
-                "model_args": {k: v for k, v in model.config.items() if k != "num_classes"},
-                "pretrained_cfg": {"label_names": class_names, "crop_pct": crop_pct, "crop_mode": crop_mode},
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "scaler": scaler.state_dict(),
-                "ema": ema.module.state_dict() if ema is not None else None,
-                "rng": rng,
-                "epoch": epoch + 1,
-                "step": step,
-                "seconds": seconds_before + time.time() - t_start,
-                "history": history,
-                "best": best,
-                "config": cfg,
-            }
-            save_atomic(state, last_path)
-            if t_cfg["keep_epoch_checkpoints"]:
-                copy_atomic(last_path, output_dir / f"epoch_{epoch + 1:04d}.pth")
-                for old in sorted(output_dir.glob("epoch_*.pth"))[:-t_cfg["keep_epoch_checkpoints"]]:
-                    old.unlink()
-            if best["epoch"] == epoch + 1:
-                copy_atomic(last_path, output_dir / "best.pth")
-            write_metrics(history, output_dir)
-            plot_curves(history, output_dir / "curves.png")
-        ema_note = f", EMA top-1 {row['ema_top1']:.2f}%" if ema is not None else ""
-        skip_note = f", skipped {row['skipped_images']} unreadable images" if row["skipped_images"] else ""
-        log(f"epoch {epoch + 1}/{epochs}: train loss {row['train_loss']:.4f}, held-out loss {val['loss']:.4f}, "
-            f"top-1 {val['top1']:.2f}%, top-5 {val['top5']:.2f}%{ema_note}, lr {row['lr']:.2e}, "
-            f"{epoch_seconds:.1f} s ({row['images_per_second']:.0f} img/s){skip_note}")
-
-    # Summary ----------------------------------------------------------------------------------------------
-    final = history[-1]
-    summary = {
-        "name": cfg["name"], "model": m_cfg["name"], "dataset": d_cfg["dataset"], "num_classes": len(class_names),
-        "img_size": d_cfg["img_size"], "top1": final["top1"], "top5": final["top5"], "loss": final["val_loss"],
-        "best_top1": best["top1"], "best_epoch": best["epoch"], "epochs": final["epoch"], "total_epochs": epochs,
-        "steps": final["step"], "finished": final["epoch"] == epochs,
-        "seconds": seconds_before + time.time() - t_start, "params": params, "device": str(device),
-        "world_size": world, "checkpoint": str(last_path), **provenance,
-    }
-    if ema is not None:
-        summary.update(ema_top1=final["ema_top1"], ema_top5=final["ema_top5"], ema_loss=final["ema_loss"])
-    if is_main:
-        write_atomic(output_dir / "summary.json", json.dumps(summary, indent=2))
-    if started_group:
+        resume(state, t_cfg["resume"], processes)
+    processes.log(describe_run(cfg, data, models, optimization, processes))
+    started = time.time() - state.seconds  # the seconds of the runs before this one count
+    for epoch in epochs_of_this_run(t_cfg, data, state):
+        trained = train_one_epoch(epoch, models, optimization, data, state, processes, t_cfg["progress"])
+        row = evaluate_epoch(epoch, trained, models, optimization, data, state, processes)
+        state.record(row, seconds=time.time() - started)
+        rng = all_rng_states(processes.world)  # gathered by every process, written by the main one
+        if processes.is_main:
+            state.save(rng)
+            write_metrics(state.history, state.directory)
+            plot_curves(state.history, state.directory / "curves.png")
+        processes.log(describe_epoch(row, data.epochs))
+    state.seconds = time.time() - started
+    summary = summarize(cfg, state, data, models, processes)
+    if processes.is_main:
+        write_atomic(state.directory / "summary.json", json.dumps(summary, indent=2))
+    if processes.started_group:
         dist.destroy_process_group()
     return summary
