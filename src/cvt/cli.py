@@ -96,7 +96,9 @@ def cmd_profile(args: argparse.Namespace) -> None:
 
 def cmd_convert(args: argparse.Namespace) -> None:
     from .flops import count_params
-    from .weights import load_checkpoint, model_from_checkpoint, save_hf, save_safetensors
+    from .hf import save_hf
+    from .model import model_from_checkpoint
+    from .weights import load_checkpoint, save_safetensors
 
     checkpoint = load_checkpoint(args.checkpoint)
     if args.source_format and checkpoint.kind != args.source_format:
@@ -143,32 +145,6 @@ def cmd_ablate(args: argparse.Namespace) -> None:
     rows = run_study(args.study, config, seeds=args.seeds, output_dir=args.output)
     if rows:  # none when train.epochs_per_run stopped a run part-way
         print(results_table(summarize(rows)))
-
-
-def cmd_benchmark(args: argparse.Namespace) -> None:
-    from .benchmark import MODES, results_markdown, run_benchmark, write_report
-
-    report = run_benchmark(
-        args.model, batch_size=args.batch_size, img_size=args.img_size, device=args.device, dtype=args.dtype,
-        threads=args.threads, warmup=args.warmup, repeats=args.repeats, modes=tuple(args.modes or MODES),
-        compile_fast=not args.no_compile, latency=not args.no_latency, training=not args.no_train,
-        train_batch_size=args.train_batch_size, memory=not args.no_memory,
-        keep_freed_memory=args.keep_freed_memory, peak_tflops=args.peak_tflops,
-        overrides=parse_overrides(args.set),
-    )
-    words = ["cvt", "benchmark"]
-    for key, value in vars(args).items():
-        # `is`, not `in (None, False)`: 0 == False, and `--warmup 0` must stay in the recorded command.
-        if key in ("command", "func", "out") or value is None or value is False:
-            continue
-        words.append("--" + key.replace("_", "-"))
-        if value is not True:
-            words += [str(v) for v in value] if isinstance(value, list) else [str(value)]
-    report["command"] = " ".join(words)
-    print(results_markdown(report))
-    if args.out:
-        json_path, md_path = write_report(report, args.out)
-        print(f"wrote {json_path} and {md_path}")
 
 
 def cmd_train(args: argparse.Namespace) -> None:
@@ -227,15 +203,9 @@ def cmd_predict(args: argparse.Namespace) -> None:
 
 
 def print_table(rows: list[tuple[str, ...]]) -> None:
+    from .tables import format_table
+
     print(format_table(rows))
-
-
-def format_table(rows: list[tuple[str, ...]]) -> str:
-    """A markdown table (first row the header): readable in a terminal and pasteable into docs."""
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    line = lambda r: "| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |"  # noqa: E731
-    rule = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
-    return "\n".join([line(rows[0]), rule, *map(line, rows[1:])])
 
 
 def parse_overrides(pairs: list[str] | None) -> dict:
@@ -252,6 +222,9 @@ def parse_overrides(pairs: list[str] | None) -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .ablations import STUDIES
+    from .data import BAD_IMAGES, DATASETS
+
     parser = argparse.ArgumentParser(prog="cvt", description="CvT: Convolutional vision Transformer")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -306,7 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("ablate", help="run one of the paper's ablation studies: table and plot per variant")
-    p.add_argument("study", choices=("pos_embed", "token_embed", "kv_stride", "projection"))
+    p.add_argument("study", choices=list(STUDIES))
     p.add_argument("--config", default=None, help="the training recipe (YAML), e.g. configs/ablate_digits.yaml")
     p.add_argument("--set", nargs="*", metavar="KEY=VALUE", help="recipe overrides, e.g. train.epochs=5")
     p.add_argument("--seeds", type=int, default=3, help="seeds per variant: config seed, +1, ... (default 3)")
@@ -315,30 +288,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true",
                    help="print each variant's params and GMACs @224 only (default model: cvt_13_224)")
     p.set_defaults(func=cmd_ablate)
-
-    p = sub.add_parser("benchmark", help="speed and memory side by side: ours (eager, fastest), Hugging Face, "
-                                         "official-style")
-    p.add_argument("--model", default="cvt_13_224")
-    p.add_argument("--batch-size", type=int, default=16, help="inference batch (and training batch by default)")
-    p.add_argument("--train-batch-size", type=int, default=None)
-    p.add_argument("--img-size", type=int, default=None, help="input resolution (default: the model's native)")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when there is one)")
-    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: PyTorch's)")
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--repeats", type=int, default=5, help="interleaved timed calls per mode; the median is kept")
-    p.add_argument("--modes", nargs="*", metavar="MODE", help="ours-eager ours-fast hf official-style (default all)")
-    p.add_argument("--no-compile", action="store_true", help="run ours-fast without torch.compile")
-    p.add_argument("--no-latency", action="store_true", help="skip the batch-1 latency")
-    p.add_argument("--no-train", action="store_true", help="skip the training step")
-    p.add_argument("--no-memory", action="store_true", help="skip peak memory")
-    p.add_argument("--keep-freed-memory", action="store_true",
-                   help="CPU: glibc keeps freed memory (as jemalloc/tcmalloc would), so no mode pays page faults "
-                        "for fresh buffers during the timings")
-    p.add_argument("--peak-tflops", type=float, default=None, help="the device's bf16 peak, for the %% of peak")
-    p.add_argument("--set", nargs="*", metavar="KEY=VALUE", help="model overrides, e.g. depths=[1,1,2]")
-    p.add_argument("--out", default=None, help="directory for the JSON and markdown results")
-    p.set_defaults(func=cmd_benchmark)
 
     p = sub.add_parser("train", help="train or fine-tune (no arguments: the digits default run on the CPU)")
     p.add_argument("--config", default=None, help="a YAML recipe (configs/); default: the built-in digits run")
@@ -356,13 +305,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True, help="a checkpoint written by `cvt train`, or any that "
                    "create_model reads (then say --data)")
     p.add_argument("--model", default=None, help="zoo name (default: the one the checkpoint names)")
-    p.add_argument("--data", default=None, help="digits, imagefolder, cifar10, cifar100, pets or flowers102 "
-                   "(default: the data a `cvt train` checkpoint was trained on)")
+    p.add_argument("--data", default=None, choices=DATASETS,
+                   help="the dataset (default: the data a `cvt train` checkpoint was trained on)")
     p.add_argument("--root", default=None, help="the dataset's local folder")
     p.add_argument("--img-size", type=int, default=None, help="default: the training size, else the model's")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--workers", type=int, default=None)
-    p.add_argument("--bad-images", choices=("error", "skip"), default=None)
+    p.add_argument("--bad-images", choices=BAD_IMAGES, default=None)
     p.add_argument("--device", default="auto")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(func=cmd_eval)
@@ -388,5 +337,15 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(2) from None
 
 
-if __name__ == "__main__":
+def entry_point() -> None:
+    """The `cvt` command (and `python -m cvt`): the process's own settings, then `main`. glibc is told to keep
+    freed memory, which every model runs faster with (cvt.process, BENCHMARKS.md); a program calling `main`
+    makes its own choice."""
+    from .process import keep_freed_memory
+
+    keep_freed_memory()
     main()
+
+
+if __name__ == "__main__":
+    entry_point()
