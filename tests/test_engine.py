@@ -309,6 +309,23 @@ def test_train_accel_swaps_in_the_cpu_linears_and_off_trains_the_reference_model
     assert linear_types == [{OneDNNLinear}, {torch.nn.Linear}]
 
 
+def test_gradient_checkpointing_and_layer_decay_are_config_keys(tmp_path, monkeypatch):
+    seen = []
+    real = engine.train_one_epoch
+
+    def recording(epoch, models, optimization, *args):
+        seen.append(({s.grad_checkpointing for s in models.model.stages},
+                     sorted({g["lr_scale"] for g in optimization.optimizer.param_groups if "lr_scale" in g})))
+        return real(epoch, models, optimization, *args)
+
+    monkeypatch.setattr(engine, "train_one_epoch", recording)
+    tiny(tmp_path / "default", "train.steps=1")
+    tiny(tmp_path / "both", "train.steps=1", "model.grad_checkpointing=true", "train.layer_decay=0.5")
+    assert seen[0] == ({False}, [])
+    checkpointing, scales = seen[1]
+    assert checkpointing == {True} and scales[-1] == 1.0 and scales[0] == 0.5 ** (len(scales) - 1)
+
+
 def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, capsys):
     steps_per_epoch = 1437 // 64
     calls = []

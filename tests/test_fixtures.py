@@ -25,7 +25,8 @@ def test_official_outputs_reproduced(name, fused):
     for inp in INPUTS:
         x = io[f"input.{inp}"]
         with torch.no_grad():
-            maps, cls_token = model.forward_intermediates(x)
+            _, intermediates = model.forward_intermediates(x, return_prefix_tokens=True)
+            maps, cls_token = [m for m, _ in intermediates], intermediates[-1][1]
             logits = model(x)
             single = model(x[1:2])
         for i, stage_map in enumerate(maps):

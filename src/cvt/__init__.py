@@ -6,7 +6,7 @@
 """
 from .accel import optimize_for_inference
 from .flops import count_macs
-from .model import CvT, CvTFeatures, create_model, list_models
+from .model import CvT, create_model, list_models, list_pretrained
 
-__all__ = ["CvT", "CvTFeatures", "count_macs", "create_model", "list_models", "optimize_for_inference"]
+__all__ = ["CvT", "count_macs", "create_model", "list_models", "list_pretrained", "optimize_for_inference"]
 __version__ = "0.1.0"

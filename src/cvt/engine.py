@@ -60,9 +60,10 @@ DEFAULTS: dict[str, Any] = {
         "reset_head": False,                  # a fresh head even when the class count matches (a new label set)
         "sync_bn": False,                     # SyncBatchNorm across GPUs under torchrun
         "compile": False,                     # torch.compile
+        "grad_checkpointing": False,          # recompute each block's activations in the backward pass
     },
     "data": {
-        "dataset": "digits",                  # digits, imagefolder, cifar10, cifar100, pets, flowers102
+        "dataset": "digits",                  # one of cvt.data.DATASETS
         "root": None,
         "img_size": 32,
         "val_fraction": 0.2,                  # digits: the held-out share
@@ -91,6 +92,7 @@ DEFAULTS: dict[str, Any] = {
         "lr": 2.0e-3,
         "lr_base_batch": None,                # lr is for this batch size and scales linearly; null: no scaling
         "weight_decay": 0.05,                 # not on norms, biases, class tokens, position embeddings
+        "layer_decay": None,                  # layer-wise lr decay (timm's): each layer's lr x decay^(depth left)
         "momentum": 0.9,
         "warmup_epochs": 1,
         "warmup_lr": 1.0e-6,
@@ -125,6 +127,7 @@ TYPES: dict[str, tuple[Any, Any]] = {
     "train.steps": (int | None, 10000),
     "train.micro_batch_size": (int | None, 128),
     "train.lr_base_batch": (int | None, 256),
+    "train.layer_decay": (float | None, 0.75),
     "train.warmup_epochs": (float, 5),
     "train.clip_grad": (float | None, 1.0),
     "train.amp": (str | None, "bf16"),
@@ -670,6 +673,7 @@ def build_models(cfg: dict, processes: Processes, num_classes: int) -> TrainingM
         processes.log(f"fine-tuning from {provenance['pretrained']}: new {num_classes}-class head "
                       f"(the checkpoint's had {provenance['pretrained_classes']})")
     model.to(device)
+    model.set_grad_checkpointing(m_cfg["grad_checkpointing"])
     if cfg["train"]["accel"]:
         accelerate_training(model, device, compiled=m_cfg["compile"])
     if m_cfg["sync_bn"] and processes.world > 1:
@@ -714,7 +718,7 @@ def build_optimization(t_cfg: dict, model: nn.Module, data: TrainingData, device
     # torch's Adam/AdamW: one fused kernel per step over all parameters, on the CPU and CUDA alike.
     fused = {"fused": True} if t_cfg["optimizer"] in ("adam", "adamw") else {}
     optimizer = create_optimizer_v2(model, opt=t_cfg["optimizer"], lr=lr, weight_decay=t_cfg["weight_decay"],
-                                    momentum=t_cfg["momentum"], **fused)
+                                    momentum=t_cfg["momentum"], layer_decay=t_cfg["layer_decay"], **fused)
     # Warm-up from warmup_lr, cosine decay to min_lr, then the cool-down epochs at min_lr.
     cosine_steps = max(1, data.total_steps - t_cfg["cooldown_epochs"] * data.steps_per_epoch)
     scheduler = CosineLRScheduler(optimizer, t_initial=cosine_steps, lr_min=t_cfg["min_lr"],

@@ -15,7 +15,7 @@ import torch.nn as nn
 from .files import atomic_directory
 from .model import CvT, _per_stage, model_from_checkpoint
 from .weights import (
-    _HF_CONFIG_NAMES, Checkpoint, _cvt_kwargs_from_hf_config, _label_cfg, _official_names, _rename, label_names,
+    _HF_CONFIG_NAMES, Checkpoint, _cvt_kwargs_from_hf_config, _label_cfg, official_names, _rename, label_names,
     load_checkpoint,
 )
 
@@ -89,7 +89,7 @@ def from_hf(source: Any, hf_numerics: bool = False, **overrides: Any) -> CvT:
                              f"pretrained=...) or cvt.model.model_from_checkpoint")
     else:
         config = source.config.to_dict()
-        checkpoint = Checkpoint(_official_names(source.state_dict()), type(source).__name__, "hf",
+        checkpoint = Checkpoint(official_names(source.state_dict()), type(source).__name__, "hf",
                                 _cvt_kwargs_from_hf_config(config), pretrained_cfg=_label_cfg(config))
     if hf_numerics:
         overrides = dict(HF_NUMERICS, **overrides)

@@ -17,23 +17,27 @@ from __future__ import annotations
 
 import difflib
 import fnmatch
+import functools
 import inspect
 import math
 import os
 import warnings
 from collections import OrderedDict
+from contextlib import nullcontext
 from typing import Any, Optional, Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import DropPath, Mlp, trunc_normal_
-from timm.models import generate_default_cfgs, register_model
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models._features import FeatureGetterNet, feature_take_indices
+from torch.utils.checkpoint import checkpoint
 
-from .weights import Checkpoint, load_checkpoint, save_pretrained
+from .weights import Checkpoint, load_checkpoint, official_names, save_pretrained
 
-__all__ = ["CvT", "CvTFeatures", "create_model", "list_models", "model_from_checkpoint", "load_state_dict",
-           "load_weights", "describe_state_dict", "cvt_kwargs_from_official_spec", "ZOO", "QuickGELU"]
+__all__ = ["CvT", "create_model", "list_models", "list_pretrained", "model_from_checkpoint", "load_state_dict",
+           "load_weights", "describe_state_dict", "cvt_kwargs_from_official_spec", "ZOO", "PRETRAINED", "QuickGELU"]
 
 NUM_STAGES = 3
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -201,6 +205,7 @@ class Stage(nn.Module):
         )
         self.pos_embed_grid = pos_embed_grid
         self.pos_drop = nn.Dropout(drop_rate)
+        self.grad_checkpointing = False
         # Rises linearly over the stage's blocks (plain floats, so the model can be built on the meta device).
         drop_paths = [drop_path_rate * j / max(depth - 1, 1) for j in range(depth)]
         self.blocks = nn.ModuleList([
@@ -219,7 +224,10 @@ class Stage(nn.Module):
             x = torch.cat((self.cls_token.expand(b, -1, -1), x), dim=1)
         x = self.pos_drop(x)
         for block in self.blocks:
-            x = block(x, h, w)
+            if self.grad_checkpointing and not torch.jit.is_scripting():
+                x = checkpoint(block, x, h, w, use_reentrant=False)
+            else:
+                x = block(x, h, w)
         cls_token: Optional[torch.Tensor] = None
         if self.cls_token is not None:
             cls_token, x = x[:, :1], x[:, 1:]
@@ -268,6 +276,21 @@ def _conv_out(size: int, kernel: int, stride: int, padding: int) -> int:
     return (size + 2 * padding - kernel) // stride + 1
 
 
+def takes_device_and_dtype(init):
+    """timm's factory arguments for a model's `__init__`: its parameters and buffers are made on `device` (the meta
+    device included) and in `dtype`."""
+
+    @functools.wraps(init)
+    def wrapped(self, *args: Any, device: torch.device | str | None = None, dtype: torch.dtype | None = None,
+                **kwargs: Any) -> None:
+        with torch.device(device) if device is not None else nullcontext():
+            init(self, *args, **kwargs)
+        if dtype is not None:
+            self.to(dtype)
+
+    return wrapped
+
+
 class CvT(nn.Module):
     """The Convolutional vision Transformer.
 
@@ -293,8 +316,10 @@ class CvT(nn.Module):
         img_size: the input size the position embeddings are made for (and the native resolution).
         act_layer: "quick_gelu" (official) or "gelu" (exact, as the Hugging Face port runs).
         norm_eps: LayerNorm eps everywhere but the final norm; head_norm_eps: the final norm's (default norm_eps).
+        device, dtype: where and in which dtype the parameters are made (timm's factory arguments).
     """
 
+    @takes_device_and_dtype
     def __init__(
         self,
         in_chans: int = 3,
@@ -388,7 +413,8 @@ class CvT(nn.Module):
 
     @property
     def stages(self) -> list[Stage]:
-        return [getattr(self, f"stage{i}") for i in range(NUM_STAGES)]
+        """stage0, stage1, stage2 (those that `prune_intermediate_layers` kept)."""
+        return [getattr(self, f"stage{i}") for i in range(NUM_STAGES) if hasattr(self, f"stage{i}")]
 
     def init_weights(self) -> None:
         """The official initialisation: trunc-normal(0.02) linears, class tokens and position embeddings."""
@@ -423,6 +449,28 @@ class CvT(nn.Module):
             if isinstance(m, Attention):
                 m.fused_attn = enable
 
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Activation checkpointing: each block's activations are recomputed in the backward pass instead of kept,
+        for less training memory at the cost of a second forward pass of the blocks; same outputs and gradients."""
+        for stage in self.stages:
+            stage.grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
+        """timm's parameter groups from the input to the output (layer-wise lr decay, `timm.optim`): the stem is
+        stage 0's token embedding; each later token embedding, class token and position embedding goes with its
+        stage's first block; every block is a group of its own (`coarse`: one group per stage)."""
+        return dict(
+            stem=r"^stage0\.(?:patch_embed|pos_embed|cls_token)",
+            blocks=[(r"^stage(\d+)", None)] if coarse else [
+                (r"^stage(\d+)\.blocks\.(\d+)", None),
+                (r"^stage(\d+)\.(?:patch_embed|pos_embed|cls_token)", (0,)),
+                (r"^norm", (99999,)),
+            ],
+        )
+
+    @torch.jit.ignore
     def get_classifier(self) -> nn.Module:
         return self.head
 
@@ -438,16 +486,65 @@ class CvT(nn.Module):
             nn.init.zeros_(self.head.bias)
 
     @torch.jit.ignore
-    def forward_intermediates(self, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor | None]:
-        """The three stage maps (strides 4, 8, 16 for the released models) and the final class token (B, 1, C),
-        before the final norm."""
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices: int | Sequence[int] | None = None,
+        return_prefix_tokens: bool = False,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+    ) -> list[Any] | tuple[torch.Tensor, list[Any]]:
+        """The stage maps named by `indices` (timm's protocol: None all three, an int the last n, a sequence those;
+        strides 4, 8 and 16 for the released models), and unless `intermediates_only` the final features too
+        (`forward_features`' normalised tokens).
+
+        Args:
+            return_prefix_tokens: each intermediate as (map, class token (B, 1, C) or None), the class token
+                before the final norm.
+            norm: the final norm applied to the last stage's map.
+            stop_early: run no stage past the last one asked for (then only the intermediates are returned).
+            output_fmt: "NCHW" maps or "NLC" token sequences.
+        """
+        if output_fmt not in ("NCHW", "NLC"):
+            raise ValueError(f"output_fmt {output_fmt!r}: choose NCHW or NLC")
         check_input(x, self.in_chans, self.min_input_size, self.img_size)
-        maps = []
+        take_indices, max_index = feature_take_indices(len(self.stages), indices)
+        stages = self.stages[:max_index + 1] if stop_early or intermediates_only else self.stages
+        intermediates = []
         cls_token = None
-        for stage in self.stages:
+        for i, stage in enumerate(stages):
             x, cls_token = stage(x)
-            maps.append(x)
-        return maps, cls_token
+            if i not in take_indices:
+                continue
+            out = x.flatten(2).transpose(1, 2)
+            if norm and i == NUM_STAGES - 1:
+                out = self.norm(out)
+            if output_fmt == "NCHW":
+                out = out.transpose(1, 2).unflatten(2, x.shape[2:])
+            intermediates.append((out, cls_token) if return_prefix_tokens else out)
+        if intermediates_only or stop_early:
+            return intermediates
+        tokens = x.flatten(2).transpose(1, 2)
+        if cls_token is not None:
+            tokens = torch.cat((cls_token, tokens), dim=1)
+        return self.norm(tokens), intermediates
+
+    @torch.jit.ignore
+    def prune_intermediate_layers(self, indices: int | Sequence[int] = 1, prune_norm: bool = False,
+                                  prune_head: bool = True) -> list[int]:
+        """Drop the stages past the last of `indices` (and the final norm and head, as asked) for a model that
+        only gives intermediates; returns the kept indices."""
+        take_indices, max_index = feature_take_indices(len(self.stages), indices)
+        for i in range(max_index + 1, NUM_STAGES):
+            if hasattr(self, f"stage{i}"):
+                delattr(self, f"stage{i}")
+        if prune_norm or max_index < NUM_STAGES - 1:
+            self.norm = nn.Identity()
+        if prune_head or max_index < NUM_STAGES - 1:
+            self.reset_classifier(0)
+        return take_indices
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Normalised tokens of the last stage (B, prefix + H*W, C), the class token first where there is one."""
@@ -473,55 +570,52 @@ class CvT(nn.Module):
         save_pretrained(self, directory)
 
 
-class CvTFeatures(nn.Module):
-    """Multi-scale features for dense prediction: forward returns the stage maps named by `out_indices`."""
-
-    def __init__(self, model: CvT, out_indices: Sequence[int] = (0, 1, 2)):
-        super().__init__()
-        model.reset_classifier(0)
-        self.model = model
-        self.out_indices = tuple(out_indices)
-        self.feature_info = [model.feature_info[i] for i in self.out_indices]
-
-    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        maps, _ = self.model.forward_intermediates(x)
-        return [maps[i] for i in self.out_indices]
-
-
 # ---------------------------------------------------------------------------------------------------------------
-# The zoo: the official release's models. Variants only set numbers.
-
-def _eval_cfg(img_size: int, paper_top1: float, pretraining: str, hf_hub_id: str) -> dict[str, Any]:
-    # The paper's eval transforms: at 224 resize the short side to 256 and centre-crop; at 384 squash, no crop.
-    crop_pct, crop_mode = (0.875, "center") if img_size == 224 else (1.0, "squash")
-    return dict(
-        input_size=(3, img_size, img_size), crop_pct=crop_pct, crop_mode=crop_mode, interpolation="bicubic",
-        mean=IMAGENET_MEAN, std=IMAGENET_STD, num_classes=1000, first_conv="stage0.patch_embed.proj",
-        classifier="head", hf_hub_id=hf_hub_id, paper_top1=paper_top1, pretraining=pretraining,
-    )
-
+# The zoo: the official release's models and weights. Variants only set numbers.
 
 _CVT_13 = dict(embed_dims=(64, 192, 384), depths=(1, 2, 10), num_heads=(1, 3, 6), drop_path_rate=(0.0, 0.0, 0.1))
 _CVT_21 = dict(embed_dims=(64, 192, 384), depths=(1, 4, 16), num_heads=(1, 3, 6), drop_path_rate=(0.0, 0.0, 0.1))
 _CVT_W24 = dict(embed_dims=(192, 768, 1024), depths=(2, 2, 20), num_heads=(3, 12, 16), drop_path_rate=(0.0, 0.0, 0.3))
-
-# name -> (architecture, eval and provenance metadata)
-ZOO: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
-    "cvt_13_224": (dict(_CVT_13, img_size=224), _eval_cfg(224, 81.6, "ImageNet-1k", "microsoft/cvt-13")),
-    "cvt_13_384": (dict(_CVT_13, img_size=384), _eval_cfg(384, 83.0, "ImageNet-1k", "microsoft/cvt-13-384")),
-    "cvt_21_224": (dict(_CVT_21, img_size=224), _eval_cfg(224, 82.5, "ImageNet-1k", "microsoft/cvt-21")),
-    "cvt_21_384": (dict(_CVT_21, img_size=384), _eval_cfg(384, 83.3, "ImageNet-1k", "microsoft/cvt-21-384")),
-    "cvt_w24_384": (dict(_CVT_W24, img_size=384),
-                    _eval_cfg(384, 87.7, "ImageNet-22k", "microsoft/cvt-w24-384-22k")),
+ARCHITECTURES: dict[str, dict[str, Any]] = {
+    "cvt_13_224": dict(_CVT_13, img_size=224), "cvt_13_384": dict(_CVT_13, img_size=384),
+    "cvt_21_224": dict(_CVT_21, img_size=224), "cvt_21_384": dict(_CVT_21, img_size=384),
+    "cvt_w24_384": dict(_CVT_W24, img_size=384),
 }
+IN1K, IN22K_FT_IN1K = "ImageNet-1k", "ImageNet-22k, fine-tuned on ImageNet-1k at 384"
 
-# timm's registry wants its own PretrainedCfg fields only.
-_TIMM_CFG_KEYS = ("input_size", "crop_pct", "crop_mode", "interpolation", "mean", "std", "num_classes",
-                  "first_conv", "classifier", "hf_hub_id")
+
+def _pretrained_cfg(hf_hub_id: str, img_size: int, paper_top1: float, pretraining: str) -> dict[str, Any]:
+    # The paper's eval transforms: at 224 resize the short side to 256 and centre-crop; at 384 squash, no crop.
+    crop_pct, crop_mode = (0.875, "center") if img_size == 224 else (1.0, "squash")
+    return dict(
+        hf_hub_id=hf_hub_id, input_size=(3, img_size, img_size), crop_pct=crop_pct, crop_mode=crop_mode,
+        interpolation="bicubic", mean=IMAGENET_MEAN, std=IMAGENET_STD, num_classes=1000,
+        first_conv="stage0.patch_embed.proj", classifier="head", license="mit", paper_ids="arXiv:2103.15808",
+        paper_name="CvT: Introducing Convolutions to Vision Transformers", origin_url="https://github.com/microsoft/CvT",
+        notes=(f"paper top-1 {paper_top1}", f"pre-training: {pretraining}"), paper_top1=paper_top1,
+        pretraining=pretraining,
+    )
+
+
+# Every released checkpoint, as `architecture.tag` in timm's naming: the converted official weights that Microsoft
+# publishes on the Hugging Face Hub (transformers' format). An architecture's first tag is its default.
+PRETRAINED: dict[str, dict[str, Any]] = {
+    "cvt_13_224.ms_in1k": _pretrained_cfg("microsoft/cvt-13", 224, 81.6, IN1K),
+    "cvt_13_384.ms_in1k": _pretrained_cfg("microsoft/cvt-13-384", 384, 83.0, IN1K),
+    "cvt_13_384.ms_in22k_ft_in1k": _pretrained_cfg("microsoft/cvt-13-384-22k", 384, 83.3, IN22K_FT_IN1K),
+    "cvt_21_224.ms_in1k": _pretrained_cfg("microsoft/cvt-21", 224, 82.5, IN1K),
+    "cvt_21_384.ms_in1k": _pretrained_cfg("microsoft/cvt-21-384", 384, 83.3, IN1K),
+    "cvt_21_384.ms_in22k_ft_in1k": _pretrained_cfg("microsoft/cvt-21-384-22k", 384, 84.9, IN22K_FT_IN1K),
+    "cvt_w24_384.ms_in22k_ft_in1k": _pretrained_cfg("microsoft/cvt-w24-384-22k", 384, 87.7, IN22K_FT_IN1K),
+}
+# name -> (architecture, its default checkpoint's cfg: eval transform and provenance)
+ZOO: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
+    name: (arch, next(cfg for tag, cfg in PRETRAINED.items() if tag.split(".")[0] == name))
+    for name, arch in ARCHITECTURES.items()
+}
+# timm's PretrainedCfg takes its own fields only; the paper's top-1 and the pre-training are in its notes.
 default_cfgs = generate_default_cfgs({
-    f"{name}.ms_{'in22k_ft_in1k' if meta['pretraining'] == 'ImageNet-22k' else 'in1k'}":
-        {k: meta[k] for k in _TIMM_CFG_KEYS}
-    for name, (_, meta) in ZOO.items()
+    tag: {k: v for k, v in cfg.items() if k not in ("paper_top1", "pretraining")} for tag, cfg in PRETRAINED.items()
 })
 
 
@@ -530,16 +624,54 @@ def list_models(pattern: str = "*") -> list[str]:
     return sorted(n for n in ZOO if fnmatch.fnmatch(n, pattern))
 
 
+def list_pretrained(pattern: str = "*") -> list[str]:
+    """The released checkpoints as `name.tag` (what `pretrained=True` downloads), filtered by a pattern."""
+    return [tag for tag in PRETRAINED if fnmatch.fnmatch(tag, pattern)]
+
+
 def unknown_model_error(name: str) -> ValueError:
-    close = difflib.get_close_matches(name, list(ZOO), n=3, cutoff=0.4)
+    close = difflib.get_close_matches(name, [*ZOO, *PRETRAINED], n=3, cutoff=0.4)
     hint = f"; did you mean {', '.join(close)}?" if close else ""
-    return ValueError(f"unknown model {name!r}{hint} (available: {', '.join(list_models())})")
+    return ValueError(f"unknown model {name!r}{hint} (available: {', '.join(list_models())}; with weights: "
+                      f"{', '.join(list_pretrained())})")
+
+
+def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: CvT) -> dict[str, torch.Tensor]:
+    """A hub checkpoint (transformers' names) or an official one in the model's names, for timm's loader."""
+    state_dict = official_names(state_dict)
+    for key, value in model.state_dict().items():  # BatchNorm's batch counters, which converted files may lack
+        if key.endswith("num_batches_tracked"):
+            state_dict.setdefault(key, torch.zeros_like(value))
+    return state_dict
+
+
+def _build(name: str, pretrained: bool, **kwargs: Any) -> nn.Module:
+    """A zoo model through timm's builder: the released weights downloaded from the Hugging Face Hub with
+    `pretrained` (its cache, HF_HUB_CACHE, HF_HUB_OFFLINE and HF_ENDPOINT are honoured; `model.safetensors`
+    before `pytorch_model.bin`, read with weights_only), the stem adapted to `in_chans`, a head of another
+    `num_classes` freshly initialised, `features_only` through timm's feature machinery."""
+    variant = name.split(".")[0]
+    try:
+        model = build_model_with_cfg(CvT, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
+                                     feature_cfg=dict(feature_cls="getter", out_indices=(0, 1, 2)),
+                                     **dict(ARCHITECTURES[variant], **kwargs))
+    except OSError as e:  # huggingface_hub's errors for a missing download or an offline cache miss
+        tag = kwargs.get("pretrained_cfg")  # what timm.create_model passes for `name.tag`
+        repo = PRETRAINED.get(f"{variant}.{tag}", ZOO[variant][1])["hf_hub_id"]
+        raise FileNotFoundError(
+            f"the weights of {name} could not be had from the Hugging Face Hub repo {repo} (model.safetensors or "
+            f"pytorch_model.bin): {type(e).__name__}: {str(e).splitlines()[0].rstrip('.')}. With a connection, "
+            f"run it again (or `hf download {repo}`) and it is cached; without one, pass a local file or folder "
+            f"instead: cvt.create_model({variant!r}, pretrained=PATH)") from None
+    net = model.model if isinstance(model, FeatureGetterNet) else model
+    net.model_name = variant
+    return model
 
 
 def create_model(
     name: str,
     num_classes: int | None = None,
-    pretrained: str | os.PathLike | Checkpoint | None = None,
+    pretrained: bool | str | os.PathLike | Checkpoint | None = None,
     features_only: bool = False,
     out_indices: Sequence[int] = (0, 1, 2),
     **overrides: Any,
@@ -547,79 +679,75 @@ def create_model(
     """Build a registered CvT variant.
 
     Args:
-        name: a name from `list_models()`.
+        name: a name from `list_models()`, or a released checkpoint's `name.tag` (`list_pretrained()`).
         num_classes: classifier outputs. Default: the checkpoint's when `pretrained` is given, else 1000. A value
             that differs from the checkpoint's re-initialises the head (and says so).
-        pretrained: a path to an official `.pth`, a `.safetensors` file, a Hugging Face CvT directory or a
-            directory written by `save_pretrained` (or a `cvt.weights.Checkpoint` already read). Weights cannot be
-            downloaded here: pass a local path.
-        features_only: return a `CvTFeatures` module giving the stage maps named by `out_indices`.
-        overrides: any `CvT` argument (e.g. `drop_path_rate=0.2`, `act_layer="gelu"`).
+        pretrained: True downloads the released weights from the Hugging Face Hub (the tag's, else the
+            architecture's default; `_build`). A path reads local weights: an official `.pth`, a `.safetensors`
+            file, a Hugging Face CvT directory, a directory written by `save_pretrained` or a `cvt train`
+            checkpoint (or a `cvt.weights.Checkpoint` already read), whose config decides the architecture.
+        features_only: the stage maps named by `out_indices`, through timm's `FeatureGetterNet` (`feature_info`
+            is timm's `FeatureInfo`).
+        overrides: any `CvT` argument (e.g. `drop_path_rate=0.2`, `act_layer="gelu"`, `in_chans=1`,
+            `device="meta"`).
     """
-    if name not in ZOO:
+    variant = name.split(".")[0]
+    if variant not in ZOO or (name != variant and name not in PRETRAINED):
         raise unknown_model_error(name)
-    if pretrained is True:
-        raise ValueError(f"weights for {name} cannot be downloaded here: pass pretrained=PATH to an official .pth, "
-                         f"a .safetensors file or a Hugging Face directory ({ZOO[name][1]['hf_hub_id']})")
-    arch, meta = ZOO[name]
-    kwargs = dict(arch)
-    if pretrained:
-        checkpoint = load_checkpoint(pretrained)
-        _check_model_name(checkpoint, name)
-        kwargs.update(checkpoint.model_args)
-        kwargs.update(overrides)
-        wanted_classes = checkpoint.num_classes if num_classes is None else num_classes
-        model = CvT(num_classes=wanted_classes, **kwargs)
-        load_state_dict(model, checkpoint.state_dict, checkpoint.source)
-        meta = dict(meta, **checkpoint.pretrained_cfg)  # e.g. the label names of a fine-tuned model
-    else:
-        kwargs.update(overrides)
-        model = CvT(num_classes=1000 if num_classes is None else num_classes, **kwargs)
-    model.pretrained_cfg = dict(meta, architecture=name, input_size=(3, *model.img_size))
-    model.model_name = name
+    if pretrained is None or isinstance(pretrained, bool):
+        classes = {} if num_classes is None else {"num_classes": num_classes}
+        features = dict(features_only=True, out_indices=out_indices) if features_only else {}
+        return _build(variant, bool(pretrained), pretrained_cfg=name.partition(".")[2] or None,
+                      **classes, **features, **overrides)
+    arch, meta = ZOO[variant]
+    checkpoint = load_checkpoint(pretrained)
+    _check_model_name(checkpoint, variant)
+    wanted_classes = checkpoint.num_classes if num_classes is None else num_classes
+    model = CvT(num_classes=wanted_classes, **dict(arch, **checkpoint.model_args, **overrides))
+    load_state_dict(model, checkpoint.state_dict, checkpoint.source)
+    meta = dict(meta, **checkpoint.pretrained_cfg)  # e.g. the label names of a fine-tuned model
+    model.pretrained_cfg = model.default_cfg = dict(meta, architecture=variant, input_size=(3, *model.img_size))
+    model.model_name = variant
     if features_only:
-        return CvTFeatures(model, out_indices)
+        return FeatureGetterNet(model, out_indices=list(out_indices))
     return model
 
 
-def _create_registered(name: str, pretrained: bool | str = False, **kwargs: Any) -> nn.Module:
-    """timm's entry-point protocol: it passes its own cfg keys, and a local file as
-    `pretrained_cfg_overlay=dict(file=PATH)` since nothing can be downloaded."""
+def _entry_point(name: str, pretrained: bool | str | os.PathLike = False, **kwargs: Any) -> nn.Module:
+    """What timm.create_model calls: pretrained True or False goes through timm's builder with the cfg timm
+    resolved (`pretrained_cfg`); a local path (also as timm's `pretrained_cfg_overlay=dict(file=PATH)`) through
+    `create_model`."""
+    overlay = kwargs.pop("pretrained_cfg_overlay", None) or {}
+    if isinstance(pretrained, bool) and not (pretrained and "file" in overlay):
+        return _build(name, pretrained, pretrained_cfg_overlay=overlay, **kwargs)
     kwargs.pop("pretrained_cfg", None)
     kwargs.pop("cache_dir", None)
-    overlay = kwargs.pop("pretrained_cfg_overlay", None) or {}
-    if pretrained is True:
-        if "file" not in overlay:
-            raise ValueError(f"{name} weights cannot be downloaded here: use timm.create_model('{name}', "
-                             "pretrained=True, pretrained_cfg_overlay=dict(file=PATH)) or "
-                             "cvt.create_model(name, pretrained=PATH)")
-        pretrained = overlay["file"]
-    return create_model(name, pretrained=pretrained or None, **kwargs)
+    return create_model(name, pretrained=overlay["file"] if pretrained is True else pretrained, **kwargs)
 
 
 @register_model
 def cvt_13_224(pretrained: bool | str = False, **kwargs: Any) -> nn.Module:
-    return _create_registered("cvt_13_224", pretrained, **kwargs)
+    return _entry_point("cvt_13_224", pretrained, **kwargs)
 
 
 @register_model
 def cvt_13_384(pretrained: bool | str = False, **kwargs: Any) -> nn.Module:
-    return _create_registered("cvt_13_384", pretrained, **kwargs)
+    return _entry_point("cvt_13_384", pretrained, **kwargs)
 
 
 @register_model
 def cvt_21_224(pretrained: bool | str = False, **kwargs: Any) -> nn.Module:
-    return _create_registered("cvt_21_224", pretrained, **kwargs)
+    return _entry_point("cvt_21_224", pretrained, **kwargs)
 
 
 @register_model
 def cvt_21_384(pretrained: bool | str = False, **kwargs: Any) -> nn.Module:
-    return _create_registered("cvt_21_384", pretrained, **kwargs)
+    return _entry_point("cvt_21_384", pretrained, **kwargs)
 
 
 @register_model
 def cvt_w24_384(pretrained: bool | str = False, **kwargs: Any) -> nn.Module:
-    return _create_registered("cvt_w24_384", pretrained, **kwargs)
+    return _entry_point("cvt_w24_384", pretrained, **kwargs)
 
 
 # ---------------------------------------------------------------------------------------------------------------
