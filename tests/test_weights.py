@@ -69,6 +69,33 @@ def test_save_pretrained_round_trip(tmp_path, source):
     torch.testing.assert_close(outputs(model_from_checkpoint(tmp_path / "run")), outputs(source), atol=0, rtol=0)
 
 
+@pytest.mark.parametrize("zoo_name", [True, False])
+def test_save_pretrained_folder_is_read_by_timms_local_dir_loader(tmp_path, source, zoo_name):
+    # a model built with cvt.CvT has no zoo name: its model_args alone describe it
+    model = source if zoo_name else randomize_batchnorm(cvt.CvT(num_classes=5, **TINY)).eval()
+    model.save_pretrained(tmp_path / "run")
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["architecture"] == "cvt_13_224" and config["num_classes"] == model.num_classes
+    loaded = timm.create_model(f"local-dir:{tmp_path / 'run'}", pretrained=True)
+    assert type(loaded) is cvt.CvT and loaded.pretrained_cfg["source"] == "local-dir"
+    torch.testing.assert_close(outputs(loaded), outputs(model), atol=0, rtol=0)
+    assert timm.create_model(f"local-dir:{tmp_path / 'run'}").config == model.config  # random weights, same model
+    torch.testing.assert_close(outputs(cvt.create_model("cvt_13_224", pretrained=tmp_path / "run")), outputs(model),
+                               atol=0, rtol=0)
+
+
+def test_save_pretrained_folder_of_the_first_format_still_loads(tmp_path, source):
+    # before timm could read them: no "architecture" nor "num_classes", and any pretrained_cfg keys
+    source.save_pretrained(tmp_path / "run")
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    first_format = {k: config[k] for k in ("format", "model", "model_args")}
+    first_format["pretrained_cfg"] = dict(config["pretrained_cfg"], paper_top1=81.6, hf_hub_id="microsoft/cvt-13")
+    (tmp_path / "run" / "config.json").write_text(json.dumps(first_format))
+    loaded = cvt.create_model("cvt_13_224", pretrained=tmp_path / "run")
+    torch.testing.assert_close(outputs(loaded), outputs(source), atol=0, rtol=0)
+    assert loaded.pretrained_cfg["num_classes"] == 7
+
+
 def test_saved_model_name_must_match(tmp_path, source):
     source.save_pretrained(tmp_path / "run")
     with pytest.raises(ValueError, match=r"holds cvt_13_224 weights, not cvt_21_384: call "
@@ -102,7 +129,7 @@ def test_other_num_classes_reinitialises_the_head_and_says_so(tmp_path, source):
         warnings.simplefilter("error")  # leaving the head out (a backbone) is no surprise: no warning
         features = cvt.create_model("cvt_13_224", pretrained=tmp_path / "ckpt.pth", features_only=True, **TINY)
     with torch.no_grad():
-        maps, _ = source.forward_intermediates(X)
+        maps = source.forward_intermediates(X, intermediates_only=True)
         torch.testing.assert_close(features.eval()(X)[2], maps[2], atol=0, rtol=0)
 
 
@@ -178,11 +205,11 @@ def test_bare_state_dict_without_a_name_is_a_clear_error(tmp_path, source):
 
 
 def test_save_pretrained_is_atomic(tmp_path, source):
-    source.pretrained_cfg["not json"] = object()
+    source.pretrained_cfg["label_names"] = [object()]  # not JSON: writing the config fails
     with pytest.raises(TypeError):
         save_pretrained(source, tmp_path / "run")
     assert os.listdir(tmp_path) == []  # neither the directory nor a temporary one left behind
-    del source.pretrained_cfg["not json"]
+    del source.pretrained_cfg["label_names"]
     # an existing directory keeps what is not ours (a training run's log)
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "log.txt").write_text("epoch 1")

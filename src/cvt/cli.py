@@ -2,7 +2,10 @@
 from __future__ import annotations
 
 import argparse
+import os
+import re
 import sys
+from pathlib import Path
 
 
 def cmd_models(args: argparse.Namespace) -> None:
@@ -100,10 +103,17 @@ def cmd_convert(args: argparse.Namespace) -> None:
     from .model import model_from_checkpoint
     from .weights import load_checkpoint, save_safetensors
 
-    checkpoint = load_checkpoint(args.checkpoint)
+    model_name = args.model
+    if is_hub_repo_id(args.checkpoint):
+        source = download_hub_repo(args.checkpoint, instead=f"convert a local checkpoint ({args.checkpoint} is no "
+                                                            "file or folder here)")
+        model_name = model_name or released_model_of(args.checkpoint)
+    else:
+        source = args.checkpoint
+    checkpoint = load_checkpoint(source)
     if args.source_format and checkpoint.kind != args.source_format:
         raise ValueError(f"{args.checkpoint} is a {checkpoint.kind!r} checkpoint, not {args.source_format!r}")
-    model = model_from_checkpoint(checkpoint, args.model, num_classes=args.num_classes, **parse_overrides(args.set))
+    model = model_from_checkpoint(checkpoint, model_name, num_classes=args.num_classes, **parse_overrides(args.set))
     target = args.to or ("safetensors" if args.output.endswith(".safetensors") else "cvt")
     if target == "hf":
         try:
@@ -177,7 +187,14 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
     data = {k: v for k, v in (("dataset", args.data), ("root", args.root), ("img_size", args.img_size),
                               ("workers", args.workers), ("bad_images", args.bad_images)) if v is not None}
-    result = evaluate_checkpoint(args.checkpoint, args.model, data, args.batch_size, args.device)
+    checkpoint, model_name = args.checkpoint, args.model
+    if args.pretrained:
+        if model_name is None:
+            raise ValueError("--pretrained evaluates the released weights of --model NAME or NAME.TAG "
+                             "(cvt.list_pretrained()): say which")
+        checkpoint = download_hub_repo(hub_repo_of(model_name), instead="evaluate local weights: --checkpoint PATH")
+        model_name = model_name.split(".")[0]  # the tag chose the repo; the folder holds that model's weights
+    result = evaluate_checkpoint(checkpoint, model_name, data, args.batch_size, args.device)
     if args.json:
         print(json.dumps(result, indent=2))
         return
@@ -200,6 +217,51 @@ def cmd_predict(args: argparse.Namespace) -> None:
         print(result["image"])
         for p in result["predictions"]:
             print(f"  {100 * p['probability']:6.2f}%  {p['label']}")
+
+
+def hub_repo_of(name: str) -> str:
+    """The Hugging Face Hub repo of a released checkpoint, `name.tag`, or of a model's default one."""
+    from .model import PRETRAINED, ZOO, unknown_model_error
+
+    variant = name.split(".")[0]
+    if variant not in ZOO or (name != variant and name not in PRETRAINED):
+        raise unknown_model_error(name)
+    return (PRETRAINED[name] if name in PRETRAINED else ZOO[variant][1])["hf_hub_id"]
+
+
+def released_model_of(repo_id: str) -> str | None:
+    """The zoo name of a released checkpoint's Hub repo (None for another repo)."""
+    from .model import PRETRAINED
+
+    return next((tag.split(".")[0] for tag, cfg in PRETRAINED.items() if cfg["hf_hub_id"] == repo_id), None)
+
+
+def is_hub_repo_id(argument: str) -> bool:
+    """`owner/name` and no such local path."""
+    return re.fullmatch(r"[\w.-]+/[\w.-]+", argument) is not None and not os.path.exists(argument)
+
+
+def download_hub_repo(repo_id: str, instead: str) -> Path:
+    """The local snapshot folder of a Hugging Face Hub CvT repo: its config.json and weights, model.safetensors
+    before pytorch_model.bin (timm's order, so a file timm downloaded is not fetched again). The Hub's cache and
+    its settings (HF_HUB_OFFLINE, HF_HUB_CACHE, HF_ENDPOINT) apply; `instead` says what to do without the Hub."""
+    from huggingface_hub import snapshot_download
+
+    from .weights import CONFIG_NAME, HF_WEIGHTS_NAMES
+
+    for weights in HF_WEIGHTS_NAMES:
+        try:
+            folder = Path(snapshot_download(repo_id, allow_patterns=[CONFIG_NAME, weights]))
+        except OSError as e:  # huggingface_hub's errors for a missing repo, no connection or an offline cache miss
+            raise FileNotFoundError(
+                f"{repo_id} could not be had from the Hugging Face Hub ({CONFIG_NAME} and "
+                f"{' or '.join(HF_WEIGHTS_NAMES)}): {type(e).__name__}: {str(e).splitlines()[0].rstrip('.')}. With "
+                f"a connection, run it again (or `hf download {repo_id}`) and it is cached; without one, "
+                f"{instead}") from None
+        if (folder / weights).is_file():
+            return folder
+    raise FileNotFoundError(f"the Hugging Face Hub repo {repo_id} has none of {', '.join(HF_WEIGHTS_NAMES)}: it "
+                            "holds no weights transformers or timm would read")
 
 
 def print_table(rows: list[tuple[str, ...]]) -> None:
@@ -262,8 +324,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_profile)
 
     p = sub.add_parser("convert", help="convert weights: official .pth / .safetensors / Hugging Face / ours")
-    p.add_argument("checkpoint", help="an official .pth, a .safetensors file, a Hugging Face CvT directory or a "
-                                      "save_pretrained directory (the format is detected)")
+    p.add_argument("checkpoint", help="an official .pth, a .safetensors file, a Hugging Face CvT directory, a "
+                                      "save_pretrained directory (the format is detected) or a Hugging Face Hub "
+                                      "repo id (owner/name, e.g. microsoft/cvt-13), downloaded")
     p.add_argument("--output", required=True, help="a directory (--to cvt or hf) or a .safetensors file")
     p.add_argument("--to", choices=("cvt", "hf", "safetensors"), default=None,
                    help="cvt: a save_pretrained directory; hf: a directory transformers' "
@@ -272,7 +335,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--from", dest="source_format", choices=("official", "hf", "cvt"), default=None,
                    help="require the checkpoint to be of this kind (official: a .pth or .safetensors state dict)")
     p.add_argument("--model", default=None, help="a name from `cvt models`; needed for an official checkpoint, "
-                                                 "which does not say which model it is")
+                                                 "which does not say which model it is (default for a released "
+                                                 "checkpoint's repo: its model)")
     p.add_argument("--num-classes", type=int, default=None,
                    help="a new classifier size (the head is re-initialised); default: the checkpoint's")
     p.add_argument("--set", nargs="*", metavar="KEY=VALUE", help="model overrides, e.g. act_layer=gelu")
@@ -302,9 +366,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="top-1, top-5 and loss of a checkpoint on a held-out split")
-    p.add_argument("--checkpoint", required=True, help="a checkpoint written by `cvt train`, or any that "
-                   "create_model reads (then say --data)")
-    p.add_argument("--model", default=None, help="zoo name (default: the one the checkpoint names)")
+    weights = p.add_mutually_exclusive_group(required=True)
+    weights.add_argument("--checkpoint", help="a checkpoint written by `cvt train`, or any that create_model "
+                         "reads (then say --data)")
+    weights.add_argument("--pretrained", action="store_true", help="the released weights of --model, downloaded "
+                         "from the Hugging Face Hub (then say --data)")
+    p.add_argument("--model", default=None, help="zoo name (default: the one the checkpoint names); with "
+                   "--pretrained a name or name.tag (cvt.list_pretrained())")
     p.add_argument("--data", default=None, choices=DATASETS,
                    help="the dataset (default: the data a `cvt train` checkpoint was trained on)")
     p.add_argument("--root", default=None, help="the dataset's local folder")
@@ -318,8 +386,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("predict", help="classify images: top-k labels and probabilities")
     p.add_argument("images", nargs="+", metavar="IMAGE")
-    p.add_argument("--checkpoint", required=True)
-    p.add_argument("--model", default=None, help="zoo name (default: the one the checkpoint names)")
+    p.add_argument("--checkpoint", default=None, help="local weights (default: the released weights of --model, "
+                                                      "downloaded from the Hugging Face Hub)")
+    p.add_argument("--model", default=None, help="a name or name.tag (cvt.list_pretrained()); with --checkpoint "
+                                                 "a name, by default the one the checkpoint names")
     p.add_argument("--topk", type=int, default=5)
     p.add_argument("--device", default="auto")
     p.add_argument("--json", action="store_true", help="print the predictions as JSON")

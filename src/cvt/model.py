@@ -479,7 +479,7 @@ class CvT(nn.Module):
         self.num_classes = num_classes
         self.config["num_classes"] = num_classes
         if global_pool is not None:
-            self.global_pool = global_pool
+            self.global_pool = self.config["global_pool"] = global_pool
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
         if num_classes > 0:
             trunc_normal_(self.head.weight, std=0.02)
@@ -699,7 +699,7 @@ def create_model(
         features = dict(features_only=True, out_indices=out_indices) if features_only else {}
         return _build(variant, bool(pretrained), pretrained_cfg=name.partition(".")[2] or None,
                       **classes, **features, **overrides)
-    arch, meta = ZOO[variant]
+    arch, meta = ZOO[variant][0], PRETRAINED.get(name, ZOO[variant][1])
     checkpoint = load_checkpoint(pretrained)
     _check_model_name(checkpoint, variant)
     wanted_classes = checkpoint.num_classes if num_classes is None else num_classes
@@ -797,7 +797,7 @@ def model_from_checkpoint(source: str | os.PathLike | Checkpoint, model_name: st
     known (given, or saved in the checkpoint), else straight from the checkpoint's config."""
     checkpoint = load_checkpoint(source)
     if model_name:
-        _check_model_name(checkpoint, model_name)
+        _check_model_name(checkpoint, model_name.split(".")[0])
     name = model_name or checkpoint.model_name
     if name:
         return create_model(name, num_classes=num_classes, pretrained=checkpoint, **overrides)

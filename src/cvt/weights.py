@@ -19,7 +19,7 @@ import os
 import pickle
 import re
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +37,10 @@ WEIGHTS_NAME = "model.safetensors"
 FORMAT_TAG = "cvt-pytorch"
 TRAINING_FORMAT = "cvt-train"  # the `format` of a checkpoint written by `cvt train`
 HF_WEIGHTS_NAMES = ("model.safetensors", "pytorch_model.bin")
+# What timm's local-dir loader builds a folder with no zoo name as (its model_args decide the architecture).
+DEFAULT_ARCHITECTURE = "cvt_13_224"
+# timm's PretrainedCfg fields that say where weights come from.
+WEIGHT_SOURCE_FIELDS = ("url", "file", "state_dict", "hf_hub_id", "hf_hub_filename", "source")
 MAX_KEYS_SHOWN = 10
 
 
@@ -81,7 +85,7 @@ def load_checkpoint(source: str | os.PathLike | Checkpoint) -> Checkpoint:
 def _read_file(path: Path) -> Checkpoint:
     if path.suffix == ".safetensors":
         try:
-            return Checkpoint(_official_names(load_file(path)), str(path), "official")
+            return Checkpoint(official_names(load_file(path)), str(path), "official")
         except SafetensorError as e:
             raise ValueError(f"{path} is not a readable safetensors file ({e})") from None
     try:
@@ -106,10 +110,10 @@ def _read_file(path: Path) -> Checkpoint:
         found = f"a dict with keys {list(obj)[:MAX_KEYS_SHOWN]}" if isinstance(obj, dict) else type(obj).__name__
         raise ValueError(f"{path} holds {found}, not a state dict (parameter name -> tensor), bare or under "
                          f"'state_dict' or 'model'")
-    return Checkpoint(_official_names(obj), str(path), "official")
+    return Checkpoint(official_names(obj), str(path), "official")
 
 
-def _official_names(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def official_names(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Strip the `module.` prefix of (Distributed)DataParallel and map Hugging Face names to the official ones."""
     if state_dict and all(k.startswith("module.") for k in state_dict):
         state_dict = {k[len("module."):]: v for k, v in state_dict.items()}
@@ -149,17 +153,36 @@ def save_safetensors(state_dict: dict[str, torch.Tensor], path: str | os.PathLik
 
 
 def save_pretrained(model: nn.Module, directory: str | os.PathLike) -> None:
-    """`config.json` (zoo name, CvT arguments, pretrained_cfg) and `model.safetensors`, written atomically;
-    `cvt.create_model(name, pretrained=directory)` reads them back."""
+    """`config.json` and `model.safetensors`, written atomically, which both readers take:
+    `cvt.create_model(name, pretrained=directory)` (it reads "format", "model", "model_args" and "pretrained_cfg")
+    and `timm.create_model("local-dir:" + directory, pretrained=True)` (timm's Hub layout: "architecture",
+    "num_classes", "model_args" and a "pretrained_cfg" of timm's fields)."""
+    name = getattr(model, "model_name", None)
     config = {
         "format": FORMAT_TAG,
-        "model": getattr(model, "model_name", None),
+        "model": name,
+        # timm builds `architecture` with `model_args`, which describe the whole model: one without a zoo name
+        # (read from a Hugging Face directory, say) is built as well through any CvT entry point.
+        "architecture": name or DEFAULT_ARCHITECTURE,
+        "num_classes": model.num_classes,
         "model_args": model.config,
-        "pretrained_cfg": dict(model.pretrained_cfg, num_classes=model.num_classes),
+        "pretrained_cfg": _timm_pretrained_cfg(model),
     }
     with atomic_directory(directory) as tmp:
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2))
         save_safetensors(model.state_dict(), tmp / WEIGHTS_NAME)
+
+
+def _timm_pretrained_cfg(model: nn.Module) -> dict[str, Any]:
+    """The model's pretrained_cfg as timm's local-dir loader takes it: timm's `PretrainedCfg` fields only (it
+    refuses others; the zoo's paper notes come back from the zoo name), and none locating other weights (the
+    saved ones are these)."""
+    from timm.models import PretrainedCfg
+
+    timm_fields = {f.name for f in fields(PretrainedCfg)} - set(WEIGHT_SOURCE_FIELDS)
+    cfg = {k: v for k, v in model.pretrained_cfg.items() if k in timm_fields}
+    cfg.pop("architecture", None)  # at the top level
+    return dict(cfg, num_classes=model.num_classes, input_size=(model.in_chans, *model.img_size))
 
 
 # ---------------------------------------------------------------------------------------------------------------
