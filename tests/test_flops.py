@@ -57,8 +57,10 @@ def test_counting_leaves_the_model_unchanged():
 def test_cli_models_and_flops(capsys):
     main(["models", "cvt_13*"])
     rows = [[c.strip() for c in line.split("|")[1:-1]] for line in capsys.readouterr().out.splitlines()]
-    assert [r[0] for r in rows[2:]] == ["cvt_13_224", "cvt_13_384"]
-    assert rows[2][1:5] == ["19,997,480", f"{count_macs(meta_model('cvt_13_224'), 224) / 1e9:.2f}", "224", "81.6"]
+    assert [r[0] for r in rows[2:]] == ["cvt_13_224.ms_in1k", "cvt_13_384.ms_in1k", "cvt_13_384.ms_in22k_ft_in1k"]
+    assert rows[2][1:6] == ["microsoft/cvt-13", "19,997,480", f"{count_macs(meta_model('cvt_13_224'), 224) / 1e9:.2f}",
+                            "224", "81.6"]
+    assert rows[4][1] == "microsoft/cvt-13-384-22k" and rows[4][5] == "83.3"
     main(["flops", "cvt_13_224", "--set", "stride_kv=1"])
     expected = count_macs(meta_model("cvt_13_224", stride_kv=1), 224) / 1e9
     assert f"{expected:.3f} GMACs" in capsys.readouterr().out

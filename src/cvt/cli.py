@@ -12,16 +12,17 @@ def cmd_models(args: argparse.Namespace) -> None:
     import torch
 
     from .flops import count_macs, count_params
-    from .model import ZOO, create_model, list_models
+    from .model import PRETRAINED, create_model, list_pretrained
 
-    rows = [("model", "params", "GMACs", "resolution", "paper top-1", "pre-training")]
-    for name in list_models(args.pattern):
+    rows = [("model and weights (pretrained=True)", "Hub repo", "params", "GMACs", "resolution", "paper top-1",
+             "pre-training")]
+    for tag in list_pretrained(args.pattern if "." in args.pattern else args.pattern + ".*"):
         with torch.device("meta"):  # shapes only: counting needs no weights
-            model = create_model(name)
-        meta = ZOO[name][1]
+            model = create_model(tag)
+        meta = PRETRAINED[tag]
         size = meta["input_size"][-1]
-        rows.append((name, f"{count_params(model):,}", f"{count_macs(model, size) / 1e9:.2f}", str(size),
-                     f"{meta['paper_top1']:.1f}", meta["pretraining"]))
+        rows.append((tag, meta["hf_hub_id"], f"{count_params(model):,}", f"{count_macs(model, size) / 1e9:.2f}",
+                     str(size), f"{meta['paper_top1']:.1f}", meta["pretraining"]))
     print_table(rows)
 
 
@@ -290,7 +291,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cvt", description="CvT: Convolutional vision Transformer")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("models", help="list the model zoo: params, GMACs, paper top-1")
+    p = sub.add_parser("models", help="list the released checkpoints: Hub repo, params, GMACs, paper top-1")
     p.add_argument("pattern", nargs="?", default="*", help="shell-style filter, e.g. 'cvt_13*'")
     p.set_defaults(func=cmd_models)
 
