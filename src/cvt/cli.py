@@ -159,9 +159,6 @@ def cmd_ablate(args: argparse.Namespace) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    import os
-    from pathlib import Path
-
     from .engine import load_config, train
 
     if isinstance(args.resume, str) and "=" in args.resume and not os.path.exists(args.resume):
@@ -185,6 +182,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     import json
 
     from .engine import evaluate_checkpoint
+    from .model import released_cfg
 
     data = {k: v for k, v in (("dataset", args.data), ("root", args.root), ("img_size", args.img_size),
                               ("workers", args.workers), ("bad_images", args.bad_images)) if v is not None}
@@ -193,7 +191,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
         if model_name is None:
             raise ValueError("--pretrained evaluates the released weights of --model NAME or NAME.TAG "
                              "(cvt.list_pretrained()): say which")
-        checkpoint = download_hub_repo(hub_repo_of(model_name), instead="evaluate local weights: --checkpoint PATH")
+        checkpoint = download_hub_repo(released_cfg(model_name)["hf_hub_id"],
+                                       instead="evaluate local weights: --checkpoint PATH")
         model_name = model_name.split(".")[0]  # the tag chose the repo; the folder holds that model's weights
     result = evaluate_checkpoint(checkpoint, model_name, data, args.batch_size, args.device)
     if args.json:
@@ -218,16 +217,6 @@ def cmd_predict(args: argparse.Namespace) -> None:
         print(result["image"])
         for p in result["predictions"]:
             print(f"  {100 * p['probability']:6.2f}%  {p['label']}")
-
-
-def hub_repo_of(name: str) -> str:
-    """The Hugging Face Hub repo of a released checkpoint, `name.tag`, or of a model's default one."""
-    from .model import PRETRAINED, ZOO, unknown_model_error
-
-    variant = name.split(".")[0]
-    if variant not in ZOO or (name != variant and name not in PRETRAINED):
-        raise unknown_model_error(name)
-    return (PRETRAINED[name] if name in PRETRAINED else ZOO[variant][1])["hf_hub_id"]
 
 
 def released_model_of(repo_id: str) -> str | None:

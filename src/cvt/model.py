@@ -636,6 +636,14 @@ def unknown_model_error(name: str) -> ValueError:
                       f"{', '.join(list_pretrained())})")
 
 
+def released_cfg(name: str) -> dict[str, Any]:
+    """The cfg of a released checkpoint, `name.tag`, or of a model's default one; an unknown name is an error."""
+    variant = name.split(".")[0]
+    if variant not in ZOO or (name != variant and name not in PRETRAINED):
+        raise unknown_model_error(name)
+    return PRETRAINED.get(name, ZOO[variant][1])
+
+
 def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: CvT) -> dict[str, torch.Tensor]:
     """A hub checkpoint (transformers' names) or an official one in the model's names, for timm's loader."""
     state_dict = official_names(state_dict)
@@ -657,7 +665,7 @@ def _build(name: str, pretrained: bool, **kwargs: Any) -> nn.Module:
                                      **dict(ARCHITECTURES[variant], **kwargs))
     except OSError as e:  # huggingface_hub's errors for a missing download or an offline cache miss
         tag = kwargs.get("pretrained_cfg")  # what timm.create_model passes for `name.tag`
-        repo = PRETRAINED.get(f"{variant}.{tag}", ZOO[variant][1])["hf_hub_id"]
+        repo = released_cfg(f"{variant}.{tag}" if tag else variant)["hf_hub_id"]
         raise FileNotFoundError(
             f"the weights of {name} could not be had from the Hugging Face Hub repo {repo} (model.safetensors or "
             f"pytorch_model.bin): {type(e).__name__}: {str(e).splitlines()[0].rstrip('.')}. With a connection, "
@@ -691,15 +699,14 @@ def create_model(
         overrides: any `CvT` argument (e.g. `drop_path_rate=0.2`, `act_layer="gelu"`, `in_chans=1`,
             `device="meta"`).
     """
+    meta = released_cfg(name)
     variant = name.split(".")[0]
-    if variant not in ZOO or (name != variant and name not in PRETRAINED):
-        raise unknown_model_error(name)
     if pretrained is None or isinstance(pretrained, bool):
         classes = {} if num_classes is None else {"num_classes": num_classes}
         features = dict(features_only=True, out_indices=out_indices) if features_only else {}
         return _build(variant, bool(pretrained), pretrained_cfg=name.partition(".")[2] or None,
                       **classes, **features, **overrides)
-    arch, meta = ZOO[variant][0], PRETRAINED.get(name, ZOO[variant][1])
+    arch = ZOO[variant][0]
     checkpoint = load_checkpoint(pretrained)
     _check_model_name(checkpoint, variant)
     wanted_classes = checkpoint.num_classes if num_classes is None else num_classes
