@@ -26,6 +26,7 @@ from helpers import randomize_batchnorm
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
+OLD_COMMIT = "fedcba9876543210fedcba9876543210fedcba98"  # a revision of SAFETENSORS_REPO that main no longer names
 SAFETENSORS_REPO, SAFETENSORS_TAG = "microsoft/cvt-13", "cvt_13_224.ms_in1k"
 # cvt_13_384.ms_in22k_ft_in1k's repo, here holding pytorch_model.bin only, as the older uploads do
 BIN_REPO = "microsoft/cvt-13-384-22k"
@@ -33,7 +34,7 @@ TIMEOUT_S = 300
 
 # Every library entry point in one interpreter: the logits of the input in sys.argv[1] and what the tests compare,
 # written to sys.argv[3]/outputs.safetensors; sys.argv[3]/offline-error.txt: the error for a repo not in the cache.
-# sys.argv[2]: the repository root.
+# sys.argv[2]: the repository root; sys.argv[4]: an older commit of microsoft/cvt-13.
 ENTRY_POINTS = """
 import sys
 from pathlib import Path
@@ -54,6 +55,8 @@ with torch.no_grad():
     logits("cvt.create_model(name.tag)", cvt.create_model("cvt_13_224.ms_in1k", pretrained=True))
     logits("timm.create_model(name.tag)", timm.create_model("cvt_13_224.ms_in1k", pretrained=True))
     logits("torch.hub.load", torch.hub.load(sys.argv[2], "cvt_13_224", source="local", pretrained=True))
+    logits("timm.create_model(name, revision)", timm.create_model(
+        "cvt_13_224", pretrained=True, pretrained_cfg_overlay=dict(hf_hub_id=f"microsoft/cvt-13@{sys.argv[4]}")))
     logits("bin-only tag", cvt.create_model("cvt_13_384.ms_in22k_ft_in1k", pretrained=True))
     logits("gelu microsoft/cvt-13", cvt.create_model("cvt_13_224.ms_in1k", pretrained=True, act_layer="gelu"))
     logits("gelu microsoft/cvt-13-384-22k",
@@ -75,20 +78,21 @@ except FileNotFoundError as e:
 """
 
 
-def write_hub_repo(cache: Path, repo_id: str, seed: int, weights: str) -> Path:
-    """A CvT-13 repo in the Hub cache's layout (refs/main names the commit, snapshots/<commit>/ holds the files),
-    with random weights and BatchNorm statistics saved by transformers; `weights` the file the repo holds."""
+def write_hub_repo(cache: Path, repo_id: str, seed: int, weights: str, commit: str = COMMIT) -> Path:
+    """A CvT-13 repo in the Hub cache's layout (refs/main names the newest commit, snapshots/<commit>/ holds the
+    files), with random weights and BatchNorm statistics saved by transformers; `weights` the file the repo holds.
+    A `commit` other than COMMIT adds an older revision beside main."""
     from transformers import CvtConfig, CvtForImageClassification
 
     torch.manual_seed(seed)
     model = randomize_batchnorm(CvtForImageClassification(CvtConfig(num_labels=1000)))
     repo = cache / f"models--{repo_id.replace('/', '--')}"
-    snapshot = repo / "snapshots" / COMMIT
+    snapshot = repo / "snapshots" / commit
     model.save_pretrained(snapshot)
     if weights == "pytorch_model.bin":  # transformers 5 writes safetensors only
         torch.save(load_file(snapshot / "model.safetensors"), snapshot / weights)
         (snapshot / "model.safetensors").unlink()
-    (repo / "refs").mkdir()
+    (repo / "refs").mkdir(exist_ok=True)
     (repo / "refs" / "main").write_text(COMMIT)
     return snapshot
 
@@ -99,7 +103,8 @@ def hub(tmp_path_factory) -> dict[str, Path]:
     cache = tmp_path_factory.mktemp("hub-cache")
     return {"cache": cache,
             SAFETENSORS_REPO: write_hub_repo(cache, SAFETENSORS_REPO, 0, "model.safetensors"),
-            BIN_REPO: write_hub_repo(cache, BIN_REPO, 1, "pytorch_model.bin")}
+            BIN_REPO: write_hub_repo(cache, BIN_REPO, 1, "pytorch_model.bin"),
+            OLD_COMMIT: write_hub_repo(cache, SAFETENSORS_REPO, 2, "model.safetensors", OLD_COMMIT)}
 
 
 def run_offline(args: list[str], cache: Path, cwd: Path) -> subprocess.CompletedProcess:
@@ -127,7 +132,7 @@ def entry_points_run(hub, x, tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("entry-points")
     save_file({"x": x}, folder / "x.safetensors")
     done = run_offline([sys.executable, "-c", ENTRY_POINTS, str(folder / "x.safetensors"), str(REPO_ROOT),
-                        str(folder)], hub["cache"], folder)
+                        str(folder), OLD_COMMIT], hub["cache"], folder)
     assert done.returncode == 0, done.stderr
     return folder
 
@@ -156,6 +161,12 @@ def test_a_repo_with_only_pytorch_model_bin_loads(hub, x, entry_points):
     torch.testing.assert_close(entry_points["bin-only tag"], expected, atol=1e-5, rtol=0)
     # the two repos hold different weights: each tag read its own repo
     assert not torch.allclose(entry_points["bin-only tag"], entry_points["cvt.create_model(name.tag)"])
+
+
+def test_a_revision_loads_that_commit_not_main(hub, x, entry_points):
+    revision = entry_points["timm.create_model(name, revision)"]
+    torch.testing.assert_close(revision, local_logits(hub[OLD_COMMIT], x), atol=1e-5, rtol=0)
+    assert not torch.allclose(revision, entry_points["cvt.create_model(name)"])
 
 
 @pytest.mark.parametrize("repo", [SAFETENSORS_REPO, BIN_REPO])
