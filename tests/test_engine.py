@@ -43,7 +43,8 @@ def test_the_default_run_reaches_95_percent_and_writes_everything(digits_run, ca
     names = {p.name for p in digits_run.iterdir()}
     keep = DEFAULTS["train"]["keep_epoch_checkpoints"]
     epochs = [f"epoch_{e:04d}.pth" for e in range(summary["epochs"] - keep + 1, summary["epochs"] + 1)]
-    assert names == {"last.pth", "best.pth", "summary.json", "metrics.jsonl", "metrics.csv", "curves.png", *epochs}
+    assert names == {"last.pth", "best.pth", "summary.json", "metrics.jsonl", "metrics.csv", "curves.png", *epochs,
+                     ".lock"}
     best = read_training_checkpoint(digits_run / "best.pth")
     assert best["epoch"] == summary["best_epoch"] and best["history"][-1]["top1"] == summary["best_top1"]
 
@@ -52,7 +53,7 @@ def test_a_training_checkpoint_loads_with_weights_only_and_through_create_model(
     import cvt
 
     state = torch.load(digits_run / "last.pth", map_location="cpu", weights_only=True)
-    assert {"model", "optimizer", "scheduler", "scaler", "ema", "rng", "epoch", "step", "config"} <= set(state)
+    assert {"model", "optimizer", "scaler", "ema", "rng", "epoch", "step", "config"} <= set(state)
     assert state["pretrained_cfg"]["label_names"] == [str(d) for d in range(10)]
     # A plain create_model call: the architecture and the class names come with the checkpoint.
     model = cvt.create_model("cvt_13_224", pretrained=str(digits_run / "last.pth"))
@@ -243,7 +244,7 @@ def test_resume_continues_exactly(tmp_path):
     assert resumed["epochs"] == 2 and resumed["finished"]
     a = torch.load(tmp_path / "straight" / "last.pth", weights_only=True)
     b = torch.load(tmp_path / "split" / "last.pth", weights_only=True)
-    for key in ("model", "ema", "optimizer", "scheduler", "scaler", "rng", "step", "epoch"):
+    for key in ("model", "ema", "optimizer", "scaler", "rng", "step", "epoch"):
         assert_same_tensors(a[key], b[key])
     assert [r["top1"] for r in a["history"]] == [r["top1"] for r in b["history"]]
     assert len((tmp_path / "split" / "metrics.jsonl").read_text().splitlines()) == 2
@@ -262,7 +263,6 @@ def new_training_state(directory: Path, keep_epochs: int) -> engine.TrainingStat
     optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
     return engine.TrainingState(
         directory=directory, keep_epochs=keep_epochs, model=model, optimizer=optimizer,
-        scheduler=torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.5),
         scaler=torch.amp.GradScaler("cpu", enabled=False), ema=torch.nn.Linear(4, 3), model_name="cvt_13_224",
         model_args={"depths": [1, 1, 1]}, pretrained_cfg={"label_names": ["a", "b", "c"]}, config=DEFAULTS)
 
@@ -273,10 +273,10 @@ def test_the_training_state_saves_loads_back_and_keeps_the_last_epochs_and_the_b
     for epoch, top1 in enumerate([10.0, 40.0, 20.0, 30.0], start=1):
         state.model(torch.randn(2, 4)).sum().backward()
         state.optimizer.step()
-        state.scheduler.step()
         state.step += 1
         state.record({"epoch": epoch, "top1": top1}, seconds=float(epoch))
         state.save(rng)
+        state.copy_epoch()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["best.pth", "epoch_0003.pth", "epoch_0004.pth",
                                                           "last.pth"]
     assert state.best == {"top1": 40.0, "epoch": 2}
@@ -284,8 +284,8 @@ def test_the_training_state_saves_loads_back_and_keeps_the_last_epochs_and_the_b
     assert_same_tensors(torch.load(tmp_path / "epoch_0004.pth", weights_only=True), state.state_dict(rng))
     # The format `cvt.weights` and `model_from_checkpoint` read.
     assert list(torch.load(tmp_path / "last.pth", weights_only=True)) == [
-        "format", "model", "model_name", "model_args", "pretrained_cfg", "optimizer", "scheduler", "scaler", "ema",
-        "rng", "epoch", "step", "seconds", "history", "best", "config"]
+        "format", "model", "model_name", "model_args", "pretrained_cfg", "optimizer", "scaler", "ema",
+        "rng", "epoch", "step", "seconds", "history", "best", "epoch_progress", "config"]
 
     loaded = new_training_state(tmp_path, keep_epochs=2)
     loaded.load(tmp_path / "last.pth")

@@ -42,9 +42,11 @@ def cmd_flops(args: argparse.Namespace) -> None:
 
 def cmd_export(args: argparse.Namespace) -> None:
     from .export import export_model
-    from .model import create_model
+    from .model import load_model
 
-    model = create_model(args.model, pretrained=args.checkpoint)
+    if args.checkpoint is None:
+        print("note: no --checkpoint, so the exported weights are random", file=sys.stderr)
+    model = load_model(args.checkpoint, args.model, random_weights=True)
     try:
         check = export_model(model, args.output, args.format, atol=args.atol)
     except ImportError as e:
@@ -52,23 +54,48 @@ def cmd_export(args: argparse.Namespace) -> None:
         raise SystemExit(f"error: {args.format} export needs {missing}: pip install 'cvt-pytorch[export]'") from None
     print(f"wrote {args.output}: {args.format}, dynamic batch, height and width; checked against PyTorch, "
           f"max abs diff {check.summary()} (limit {args.atol:g})")
+    if args.format == "onnx":
+        print(f"its metadata_props hold the label names and the preprocessing: {describe_preprocessing(model)}")
+
+
+def describe_preprocessing(model) -> str:
+    """The model's preprocessing (`timm.data.resolve_model_data_config`) in a few words."""
+    from timm.data import resolve_model_data_config
+
+    cfg = resolve_model_data_config(model)
+    _, h, w = cfg["input_size"]
+    crop = "squash" if cfg["crop_mode"] == "squash" else f"{cfg['crop_mode']} crop {cfg['crop_pct']:g}"
+    return (f"{h}x{w}, {crop}, {cfg['interpolation']}, mean {tuple(round(m, 4) for m in cfg['mean'])}, "
+            f"std {tuple(round(s, 4) for s in cfg['std'])}")
 
 
 def cmd_attention(args: argparse.Namespace) -> None:
+    import torch
+
     from .inspect import attention_maps, draw_attention, load_image
-    from .model import create_model
+    from .model import load_model
+    from .weights import label_names
 
     if args.checkpoint is None:
         print("note: no --checkpoint, so the weights are random and the maps show no learned attention",
               file=sys.stderr)
-    model = create_model(args.model, pretrained=args.checkpoint)
+    model = load_model(args.checkpoint, args.model, random_weights=True).eval()
     size = (args.img_size * 2)[:2] if args.img_size else None
     picture, images = load_image(args.image, model, size)
     maps = attention_maps(model, images)
-    draw_attention(picture, maps, args.output, title=f"{args.model} @ {picture.height}x{picture.width}")
+    # The prediction for the input the maps are of (the whole image resized, where `cvt predict` crops as eval
+    # does), so that label and maps belong together.
+    with torch.no_grad():
+        probabilities = model(images).softmax(dim=-1)[0]
+    index = int(probabilities.argmax())
+    names = label_names(model)
+    prediction = (names[index] if names else f"class {index}", probabilities[index].item())
+    draw_attention(picture, maps, args.output, title=f"{args.model} @ {picture.height}x{picture.width}",
+                   prediction=prediction)
     (kh, kw), (h, w) = maps.key_grid, maps.token_grid
     print(f"wrote {args.output}: class-token attention of the last block ({maps.last_block.shape[1]} heads over "
-          f"{kh}x{kw} keys) and rollout over the last stage ({h}x{w} tokens), input {picture.height}x{picture.width}")
+          f"{kh}x{kw} keys) and rollout over the last stage ({h}x{w} tokens), input {picture.height}x{picture.width}, "
+          f"predicted {prediction[0]} ({prediction[1]:.1%})")
 
 
 def cmd_profile(args: argparse.Namespace) -> None:
@@ -101,7 +128,7 @@ def cmd_profile(args: argparse.Namespace) -> None:
 def cmd_convert(args: argparse.Namespace) -> None:
     from .flops import count_params
     from .hf import save_hf
-    from .model import model_from_checkpoint
+    from .model import load_model
     from .weights import load_checkpoint, save_safetensors
 
     model_name = args.model
@@ -114,7 +141,7 @@ def cmd_convert(args: argparse.Namespace) -> None:
     checkpoint = load_checkpoint(source)
     if args.source_format and checkpoint.kind != args.source_format:
         raise ValueError(f"{args.checkpoint} is a {checkpoint.kind!r} checkpoint, not {args.source_format!r}")
-    model = model_from_checkpoint(checkpoint, model_name, num_classes=args.num_classes, **parse_overrides(args.set))
+    model = load_model(checkpoint, model_name, num_classes=args.num_classes, **parse_overrides(args.set))
     target = args.to or ("safetensors" if args.output.endswith(".safetensors") else "cvt")
     if target == "hf":
         try:
@@ -159,18 +186,22 @@ def cmd_ablate(args: argparse.Namespace) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    from .engine import load_config, train
+    from .engine import checkpoint_to_resume, load_config, recorded_config, train
 
+    overrides = list(args.overrides)
     if isinstance(args.resume, str) and "=" in args.resume and not os.path.exists(args.resume):
-        raise ValueError(f"--resume took {args.resume!r} for its checkpoint path: put --resume after the "
-                         "KEY=VALUE overrides, or give it the path")
-    config = load_config(args.config, args.overrides)
+        overrides, args.resume = [args.resume, *overrides], True  # `--resume KEY=VALUE`: an override, not a path
+    config = load_config(args.config, overrides)
+    output = Path(args.output) if args.output else Path("runs") / config["name"]
+    if args.resume and args.config is None:  # the recorded run's config, changed only by what is given here
+        checkpoint = checkpoint_to_resume(args.resume, output)
+        if checkpoint is not None:
+            config = load_config(None, overrides, base=recorded_config(checkpoint))
     for section, key, value in (("", "seed", args.seed), ("train", "epochs", args.epochs),
                                 ("train", "device", args.device), ("train", "resume", args.resume)):
         if value is not None:
             (config[section] if section else config)[key] = value
-    output = Path(args.output) if args.output else Path("runs") / config["name"]
-    summary = train(config, output)
+    summary = train(config, output, overwrite=args.overwrite)
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"{summary['name']}: top-1 {summary['top1']:.2f}%, top-5 {summary['top5']:.2f}%, held-out loss "
               f"{summary['loss']:.4f} after {summary['epochs']}/{summary['total_epochs']} epochs in "
@@ -210,6 +241,9 @@ def cmd_predict(args: argparse.Namespace) -> None:
     from .predict import predict
 
     results = predict(args.images, args.checkpoint, args.model, args.topk, args.device)
+    shown = len(results[0]["predictions"])
+    if shown < args.topk:
+        print(f"note: --topk {args.topk}, but the model has {shown} classes: showing {shown}", file=sys.stderr)
     if args.json:
         print(json.dumps(results, indent=2))
         return
@@ -217,6 +251,17 @@ def cmd_predict(args: argparse.Namespace) -> None:
         print(result["image"])
         for p in result["predictions"]:
             print(f"  {100 * p['probability']:6.2f}%  {p['label']}")
+
+
+def cmd_shards(args: argparse.Namespace) -> None:
+    from .shards import INDEX_NAME, write_shards
+
+    summary = write_shards(args.folder, args.output, args.shard_size, args.val_fraction, args.seed)
+    splits = ", ".join(f"{s['samples']} {name} images in {s['shards']} shards"
+                       for name, s in summary["splits"].items())
+    print(f"wrote {args.output}: {splits}, {summary['classes']} classes, and {INDEX_NAME}; every shard was read "
+          f"back and holds the samples and classes the index says (train with data.dataset=wds "
+          f"data.root={args.output})")
 
 
 def released_model_of(repo_id: str) -> str | None:
@@ -291,8 +336,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_flops)
 
     p = sub.add_parser("export", help="export to ONNX or TorchScript (dynamic batch and size), checked against PyTorch")
-    p.add_argument("--model", required=True, help="a name from `cvt models`")
-    p.add_argument("--checkpoint", default=None, help="weights: an official .pth, .safetensors or a model directory")
+    p.add_argument("--model", default=None, help="a name from `cvt models`; needed without --checkpoint, or for "
+                                                 "a bare state dict (default: the one the checkpoint names)")
+    p.add_argument("--checkpoint", default=None, help="weights: any that `cvt predict` takes (an official .pth, a "
+                   ".safetensors file, a Hugging Face or save_pretrained folder, a `cvt train` checkpoint); "
+                   "without it the weights are random")
     p.add_argument("--format", required=True, choices=("onnx", "torchscript"))
     p.add_argument("--output", required=True, help="the file to write (e.g. cvt_13.onnx)")
     p.add_argument("--atol", type=float, default=1e-4, help="largest allowed difference from the PyTorch logits")
@@ -353,6 +401,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--epochs", type=int, default=None)
     p.add_argument("--device", default=None, help="auto (default), cpu, cuda, cuda:1, ...")
+    p.add_argument("--overwrite", action="store_true", help="delete the run already in --output first (without "
+                                                             "it, a new run into a run's folder is refused)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="top-1, top-5 and loss of a checkpoint on a held-out split")
@@ -380,20 +430,64 @@ def build_parser() -> argparse.ArgumentParser:
                                                       "downloaded from the Hugging Face Hub)")
     p.add_argument("--model", default=None, help="a name or name.tag (cvt.list_pretrained()); with --checkpoint "
                                                  "a name, by default the one the checkpoint names")
-    p.add_argument("--topk", type=int, default=5)
+    p.add_argument("--topk", type=int, default=5, help="the best N predictions per image (N >= 1; all of them "
+                                                       "when the model has fewer classes)")
     p.add_argument("--device", default="auto")
     p.add_argument("--json", action="store_true", help="print the predictions as JSON")
     p.set_defaults(func=cmd_predict)
 
+    p = sub.add_parser("shards", help="write an image folder as WebDataset tar shards (data.dataset=wds), checked")
+    p.add_argument("folder", help="FOLDER/train/<class>/* and FOLDER/val/<class>/*, or FOLDER/<class>/* (a training "
+                                  "split alone)")
+    p.add_argument("--output", required=True, help="a new or empty folder for the shards and their index.json")
+    p.add_argument("--shard-size", type=int, default=1000,
+                   help="images per shard (default 1000); for training on R ranks with W loader workers each, "
+                        "write a multiple of R x W shards so that each epoch reads every image once")
+    p.add_argument("--val-fraction", type=float, default=None,
+                   help="for a folder without val/: hold this share of each class out as the val shards (default: "
+                        "none; data.val_fraction then holds out when reading, from the train shards)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the order the images are shuffled into shards in")
+    p.set_defaults(func=cmd_shards)
+
+    for command in sub.choices.values():
+        command.add_argument("--debug", action="store_true", help="on an error, show its whole traceback")
     return parser
 
 
+# The errors the library raises on purpose, with a message that names the problem and the fix: the CLI prints the
+# message alone. Any other error is printed with its type, and --debug shows its traceback.
+EXPECTED_ERRORS = (ValueError, OSError, FloatingPointError)
+
+
+def error_line(error: BaseException) -> str:
+    """One line saying what went wrong."""
+    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()] or [repr(error)]
+    if "Original Traceback (most recent call last):" in lines:  # re-raised from a DataLoader worker
+        return lines[-1]  # the worker's error, "TypeName: message"
+    message = " ".join(lines)
+    if isinstance(error, EXPECTED_ERRORS):
+        return message
+    return f"{type(error).__name__}: {message} (run again with --debug for the traceback)"
+
+
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # KEY=VALUE overrides may stand anywhere among the options: argparse leaves those after the first option over.
+    overrides = [a for a in extra if "=" in a and not a.startswith("-")]
+    if len(overrides) < len(extra) or (overrides and not hasattr(args, "overrides")):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if overrides:
+        args.overrides = [*args.overrides, *overrides]
     try:
         args.func(args)
-    except (ValueError, FileNotFoundError, KeyError, FloatingPointError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        raise SystemExit(130) from None
+    except Exception as e:
+        if args.debug:
+            raise
+        print(f"error: {error_line(e)}", file=sys.stderr)
         raise SystemExit(2) from None
 
 

@@ -16,34 +16,37 @@ import copy
 import csv
 import dataclasses
 import difflib
+import importlib.util
+import fcntl
 import io
 import itertools
 import json
 import math
 import os
-import pickle
 import random
+import shutil
+import socket
 import time
 import types
 import typing
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, Subset
 from torch.utils.data.distributed import DistributedSampler
 
-from .data import build_datasets, build_eval_dataset, collate_skipping, eval_crop
+from .data import Readers, build_datasets, build_eval_dataset, collate_skipping, eval_crop, train_sampler
 from .accel import accelerate_training, compile_model, optimize_for_inference
-from .files import copy_atomic, save_atomic, write_atomic, yaml_load
+from .files import copy_atomic, remove_stale_temporaries, save_atomic, save_figure, write_atomic, yaml_load
 from .flops import count_params
-from .model import ZOO, create_model, model_from_checkpoint, unknown_model_error
-from .weights import TRAINING_FORMAT, load_checkpoint
+from .model import ZOO, create_model, load_model, unknown_model_error
+from .weights import TRAINING_FORMAT, load_checkpoint, read_torch_file
 
 # Every key a recipe may set. The values are the built-in default run (`cvt train` with no config, `make demo`;
 # configs/digits.yaml spells it out): a small CvT on scikit-learn's 8 x 8 digits upsampled to 32 x 32, in about
@@ -66,9 +69,15 @@ DEFAULTS: dict[str, Any] = {
         "dataset": "digits",                  # one of cvt.data.DATASETS
         "root": None,
         "img_size": 32,
-        "val_fraction": 0.2,                  # digits: the held-out share
+        "val_fraction": 0.2,                  # the held-out share of each class, for a set with no held-out split
+                                              # (digits; imagefolder without val/; wds, hfds), fixed and seeded
         "workers": 0,                         # loader processes per training process
         "bad_images": "error",                # or "skip": leave unreadable images out and count them
+        "repeated_aug": 0,                    # n > 1: each image n times an epoch, on different ranks (timm's
+                                              # RepeatAugSampler, map-style sets); 0: off
+        "shuffle_buffer": 1000,               # wds: samples each loader worker shuffles among
+        "image_column": "image",              # hfds: the column of the images (bytes, a path, or an Image feature)
+        "label_column": "label",              # hfds: the column of the class indices
         "eval_crop_pct": 1.0,                 # null: the model's (0.875 at 224, 1.0 at 384)
         "eval_crop_mode": "squash",           # null: the model's ("center" at 224, "squash" at 384)
         "augment": {                          # arguments of timm.data.create_transform
@@ -107,9 +116,11 @@ DEFAULTS: dict[str, Any] = {
         "amp": None,                          # "bf16" or "fp16" autocast (fp16 with a gradient scaler)
         "ema_decay": None,                    # keep (and evaluate) an EMA of the weights
         "device": "auto",                     # auto: cuda if available, else cpu
-        "resume": None,                       # true: OUTPUT/last.pth, or a checkpoint path
+        "resume": None,                       # true: OUTPUT/last.pth if there is one, or a checkpoint path
         "epochs_per_run": None,               # stop after this many epochs (time-limited jobs), then resume
+        "checkpoint_every_steps": None,       # also write last.pth every this many steps inside an epoch
         "keep_epoch_checkpoints": 3,
+        "tensorboard": False,                 # TensorBoard scalars in OUTPUT/tensorboard (pip install tensorboard)
         "progress": True,                     # tqdm bar
         "accel": True,                        # the training speed-ups of cvt.accel.accelerate_training
     },
@@ -134,7 +145,23 @@ TYPES: dict[str, tuple[Any, Any]] = {
     "train.ema_decay": (float | None, 0.9998),
     "train.resume": (bool | Path | None, True),
     "train.epochs_per_run": (int | None, 10),
+    "train.checkpoint_every_steps": (int | None, 1000),
 }
+# The smallest value a numeric key takes, where its type alone allows nonsense.
+MINIMUMS: dict[str, float] = {
+    "train.epochs": 1, "train.steps": 1, "train.batch_size": 1, "train.micro_batch_size": 1, "train.lr": 0,
+    "train.lr_base_batch": 1, "train.weight_decay": 0, "train.warmup_epochs": 0, "train.warmup_lr": 0,
+    "train.min_lr": 0, "train.cooldown_epochs": 0, "train.label_smoothing": 0, "train.mixup": 0, "train.cutmix": 0,
+    "train.clip_grad": 0, "train.ema_decay": 0, "train.epochs_per_run": 1, "train.checkpoint_every_steps": 1,
+    "train.keep_epoch_checkpoints": 0, "data.img_size": 1, "data.workers": 0,
+}
+# The keys a resumed run may change (`cvt train --resume KEY=VALUE`): its length, its learning rate (both re-plan
+# the schedule from the resumed step), the remedies the divergence message names, and where and how it runs. Every
+# other key comes from the checkpoint's config.
+RESUMABLE = ("train.epochs", "train.steps", "train.lr", "train.clip_grad", "train.amp", "train.resume",
+             "train.epochs_per_run", "train.checkpoint_every_steps", "train.keep_epoch_checkpoints",
+             "train.micro_batch_size", "train.device", "train.progress", "train.tensorboard", "data.root",
+             "data.workers", "data.bad_images")
 # Optimizer steps between the host's reads of the loss (the progress bar, the divergence check). A read waits for
 # the device to finish all queued work, so it is not done every step.
 CHECK_EVERY = 10
@@ -181,11 +208,14 @@ def type_name(kind: Any, plural: bool = False) -> str:
 
 
 def check_type(key: str, value: Any) -> None:
+    """`value` is of the key's type (`key_type`) and at least its MINIMUMS entry."""
     kind, example = key_type(key)
     if not is_of_type(value, kind):
         text = example if isinstance(example, str) else json.dumps(example)
         raise ValueError(f"config key {key!r} takes {type_name(kind)}, e.g. {key}={text}; "
                          f"got {json.dumps(value, default=repr)}")
+    if key in MINIMUMS and value is not None and value < MINIMUMS[key]:
+        raise ValueError(f"config key {key!r} must be at least {MINIMUMS[key]}, got {value}")
 
 
 def merge_config(base: dict, update: dict, where: str = "") -> dict:
@@ -227,7 +257,7 @@ def read_recipe(path: Path, derived: tuple[Path, ...] = ()) -> dict:
     if not path.is_file():
         where = f"the base of {derived[-1]}" if derived else "the recipes are in configs/"
         raise FileNotFoundError(f"no config file {path} ({where})")
-    recipe = yaml_load(path.read_text()) or {}
+    recipe = yaml_load(path.read_text(), source=path) or {}
     if not isinstance(recipe, dict):
         raise ValueError(f"{path} is not a YAML mapping of config sections")
     base = recipe.pop("base", None)
@@ -241,15 +271,17 @@ def read_recipe(path: Path, derived: tuple[Path, ...] = ()) -> dict:
         raise ValueError(f"{path}: {e}") from None
 
 
-def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tuple[str, ...] = ()) -> dict:
-    """A recipe: the YAML file at `path` through its chain of bases (None: the built-in digits default) and dotted
-    `key=value` overrides with YAML-typed values (`train.lr=1e-3`, `model.args.depths=[1,2,10]`)."""
-    config = copy.deepcopy(DEFAULTS) if path is None else read_recipe(Path(path))
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tuple[str, ...] = (),
+                base: dict | None = None) -> dict:
+    """A recipe: the YAML file at `path` through its chain of bases and dotted `key=value` overrides with
+    YAML-typed values (`train.lr=1e-3`, `model.args.depths=[1,2,10]`). Without a file the overrides change `base`:
+    by default the built-in digits run, or a recorded run's config (`recorded_config`)."""
+    config = read_recipe(Path(path)) if path is not None else merge_config(DEFAULTS, base or {})
     for item in overrides:
         key, sep, text = item.partition("=")
         if not sep or not key:
             raise ValueError(f"expected a dotted key=value override (e.g. train.epochs=5), got {item!r}")
-        value = yaml_load(text)
+        value = yaml_load(text, source=f"the override {item!r}")
         if key.startswith("model.args."):  # one CvT argument; the recipe's others stay
             key, value = "model.args", {**config["model"]["args"], key[len("model.args."):]: value}
         *parents, last = key.split(".")
@@ -258,6 +290,31 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tu
             last = parent
         config = merge_config(config, {last: value})
     return config
+
+
+def config_leaves(config: dict, where: str = "") -> Iterator[tuple[str, Any]]:
+    """(dotted key, value) of every value of a config; model.args, a mapping replaced whole, is one value."""
+    for key, value in config.items():
+        if isinstance(value, dict) and f"{where}{key}" != "model.args":
+            yield from config_leaves(value, f"{where}{key}.")
+        else:
+            yield f"{where}{key}", value
+
+
+def resumed_config(recorded: dict, requested: dict) -> tuple[dict, list[str]]:
+    """The config a resumed run goes on with: `requested`, which may differ from the checkpoint's `recorded`
+    config in RESUMABLE keys only, and those changes, described. Any other difference is an error listing them."""
+    # Compared as JSON: a tuple and a list, a Path and a string, are the same value.
+    old = {key: json.dumps(value, default=str) for key, value in config_leaves(merge_config(DEFAULTS, recorded))}
+    new = {key: json.dumps(value, default=str) for key, value in config_leaves(requested)}
+    changed = [key for key in new if old.get(key) != new[key]]
+    refused = [f"{key} (recorded {old.get(key)}, given {new[key]})" for key in changed if key not in RESUMABLE]
+    if refused:
+        raise ValueError(f"a resumed run keeps the config its checkpoint records, and a resume may not change "
+                         f"{'; '.join(refused)}. Leave them out (`cvt train --resume` takes every key from the "
+                         f"checkpoint), or start a new run in another --output. A resume may change "
+                         f"{', '.join(RESUMABLE)}")
+    return requested, [f"{key} {old.get(key)} -> {new[key]}" for key in changed if key != "train.resume"]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -286,7 +343,14 @@ def pick_device(name: str, local_rank: int = 0) -> torch.device:
     """"auto": this process's GPU if there is one, else the CPU."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"unknown device {name!r}: use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name} asked for, but torch finds no CUDA GPU here: use cpu (or auto)")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"device {name} asked for, but there are {torch.cuda.device_count()} GPUs")
     if device.type == "cuda":
         device = torch.device("cuda", device.index if device.index is not None else local_rank)
         torch.cuda.set_device(device)
@@ -335,13 +399,31 @@ def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate((p["version"], tuple(p["state"]), p["gauss"]))
 
 
-def all_rng_states(world: int) -> list[dict[str, Any]]:
-    """Every process's `rng_state`, in rank order; all processes call it together."""
+def gather(value: Any, world: int) -> list[Any]:
+    """Every process's `value`, in rank order; all processes call it together."""
     if world == 1:
-        return [rng_state()]
-    states = [None] * world
-    dist.all_gather_object(states, rng_state())
-    return states
+        return [value]
+    values = [None] * world
+    dist.all_gather_object(values, value)
+    return values
+
+
+def on_main(processes: Processes, work: Callable[[], Any]) -> Any:
+    """`work()` run by the main process; its result, or the error it raised, on every process, so that all go on
+    with the same value or stop with the same message."""
+    result, error = None, None
+    if processes.is_main:
+        try:
+            result = work()
+        except (OSError, ValueError) as e:
+            error = e
+    if processes.world > 1:
+        shared = [result, error]
+        dist.broadcast_object_list(shared, src=0)
+        result, error = shared
+    if error is not None:
+        raise error
+    return result
 
 
 def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
@@ -353,6 +435,80 @@ def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------------------------
 # Files
 
+# What a run writes into its output folder, besides epoch_NNNN.pth and the lock.
+RUN_FILES = ("last.pth", "best.pth", "metrics.jsonl", "metrics.csv", "curves.png", "summary.json", "tensorboard")
+
+
+class RunFolder:
+    """The output folder of a run, the run's alone while it runs: the main process holds an exclusive lock on its
+    `.lock` file. The kernel drops the lock when the process ends, however it ends, so a killed run leaves none."""
+
+    def __init__(self, directory: Path):
+        self.directory = directory
+        self.lock: Any = None  # the open .lock file while the run holds it
+
+    def run_files(self) -> list[Path]:
+        """The files of a run already in the folder."""
+        named = [self.directory / name for name in RUN_FILES]
+        return [p for p in named if p.exists()] + sorted(self.directory.glob("epoch_*.pth"))
+
+    def claim(self, resume: bool | str | os.PathLike | None, overwrite: bool) -> Path | None:
+        """Lock the folder (checking that it can be written), remove what a killed run left half-written, and
+        return train.resume's checkpoint (None: the run starts). A new run into a folder that holds another is
+        refused unless `overwrite`, which deletes the other's files first."""
+        directory = self.directory
+        if directory.exists() and not directory.is_dir():
+            raise NotADirectoryError(f"the output {directory} is a file: give --output a folder")
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+            self.lock = open(directory / ".lock", "a+")
+        except OSError as e:
+            raise PermissionError(f"cannot write to the output folder {directory} ({e.strerror}): give --output "
+                                  "a folder you can write to") from None
+        try:
+            fcntl.flock(self.lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.lock.seek(0)
+            holder = self.lock.read().strip() or "another process"
+            self.release()
+            raise FileExistsError(f"{directory} is the output of a run in progress ({holder}): wait for it to end, "
+                                  "or give this run another --output") from None
+        self.lock.seek(0)
+        self.lock.truncate()
+        self.lock.write(f"cvt train, PID {os.getpid()} on {socket.gethostname()}\n")
+        self.lock.flush()
+        remove_stale_temporaries(directory)
+        checkpoint = checkpoint_to_resume(resume, directory)
+        earlier = self.run_files()
+        if earlier and not resume:
+            if not overwrite:
+                raise FileExistsError(f"{directory} holds an earlier run ({', '.join(p.name for p in earlier)}): "
+                                      "continue it with --resume, delete it with --overwrite, or give this run "
+                                      "another --output")
+            for path in earlier:
+                shutil.rmtree(path) if path.is_dir() else path.unlink()
+        return checkpoint
+
+    def release(self) -> None:
+        if self.lock is not None:
+            self.lock.close()
+            self.lock = None
+
+
+def checkpoint_to_resume(resume: bool | str | os.PathLike | None, directory: Path) -> Path | None:
+    """train.resume's checkpoint. True: DIRECTORY/last.pth if there is one, else none and the run starts, so that
+    a restarted job (torchrun --max-restarts, a requeued batch job) runs the same command as its first start. A
+    path must be a file."""
+    if not resume:
+        return None
+    if resume is True:
+        last = directory / "last.pth"
+        return last if last.exists() else None
+    if not Path(resume).is_file():
+        raise FileNotFoundError(f"nothing to resume from: no checkpoint {resume}")
+    return Path(resume)
+
+
 def write_metrics(rows: list[dict[str, Any]], output_dir: Path) -> None:
     """metrics.jsonl and metrics.csv: one row per epoch."""
     write_atomic(output_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
@@ -363,44 +519,47 @@ def write_metrics(rows: list[dict[str, Any]], output_dir: Path) -> None:
     write_atomic(output_dir / "metrics.csv", text.getvalue())
 
 
-def plot_curves(rows: list[dict[str, Any]], path: Path) -> None:
-    """Loss (training and held-out) and held-out top-1 per epoch."""
+def plot_curves(rows: list[dict[str, Any]], path: Path, title: str) -> matplotlib.figure.Figure:
+    """Loss (training and held-out) and held-out top-1 per epoch under `title` (the run and its model); returns
+    the matplotlib Figure written to `path`."""
     from matplotlib.figure import Figure  # not pyplot: no global backend switch in the caller's process
+    from matplotlib.ticker import MaxNLocator
 
     epochs = [r["epoch"] for r in rows]
-    fig = Figure(figsize=(10, 4))
+    fig = Figure(figsize=(10, 4), layout="constrained")
     ax_loss, ax_acc = fig.subplots(1, 2)
-    ax_loss.plot(epochs, [r["train_loss"] for r in rows], label="training")
-    ax_loss.plot(epochs, [r["val_loss"] for r in rows], label="held-out")
+    # A marker on each epoch, since a line through one point (a one-epoch run) draws nothing; past a few dozen
+    # epochs the markers would merge into a thick line.
+    line = dict(marker="o", markersize=4) if len(rows) <= 40 else {}
+    ax_loss.plot(epochs, [r["train_loss"] for r in rows], label="training", **line)
+    ax_loss.plot(epochs, [r["val_loss"] for r in rows], label="held-out", **line)
     ax_loss.set(xlabel="epoch", ylabel="loss", title="loss")
-    ax_acc.plot(epochs, [r["top1"] for r in rows], label="model")
+    ax_acc.plot(epochs, [r["top1"] for r in rows], label="model", **line)
     if "ema_top1" in rows[0]:
-        ax_acc.plot(epochs, [r["ema_top1"] for r in rows], label="EMA")
+        ax_acc.plot(epochs, [r["ema_top1"] for r in rows], label="EMA", **line)
     ax_acc.set(xlabel="epoch", ylabel="top-1 (%)", title="held-out top-1")
     for ax in (ax_loss, ax_acc):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))  # whole epochs, one tick for one
         ax.grid(alpha=0.3)
         ax.legend()
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=100)
-    write_atomic(path, buffer.getvalue())
+    fig.suptitle(title)
+    save_figure(fig, path, dpi=100)
+    return fig
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Models, checkpoints, evaluation
 
 def read_training_checkpoint(path: str | os.PathLike, mmap: bool = True) -> dict[str, Any] | None:
-    """The whole state of a checkpoint written by `train` (config, optimizer, ...); None for any other file.
+    """The whole state of a checkpoint written by `train` (config, optimizer, ...); None for any other weights.
 
     Recognised by its content, whatever its name, as `weights.load_checkpoint` recognises it; `weights_only`,
-    and by default mmap, so that reading the config or the epoch does not load the tensors."""
+    and by default mmap, so that reading the config or the epoch does not load the tensors. A truncated or
+    damaged file is an UnreadableCheckpointError, not "another file"."""
     path = Path(path)
-    if not path.is_file():
+    if not path.is_file() or path.suffix == ".safetensors":
         return None
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-    except (pickle.UnpicklingError, RuntimeError):
-        return None
+    state = read_torch_file(path, mmap=mmap)
     return state if isinstance(state, dict) and state.get("format") == TRAINING_FORMAT else None
 
 
@@ -409,16 +568,17 @@ class TrainingState:
     """Everything a training checkpoint holds, and its files in `directory`: `last.pth` every epoch, copied to
     `best.pth` when the epoch is the best so far and to `epoch_NNNN.pth`, of which the last `keep_epochs` stay.
 
-    The modules and optimisation state are restored in place on `load`; `epoch`, `step`, `seconds`, `history` and
-    `best` say where the run is; `model_name`, `model_args`, `pretrained_cfg` and `config` describe it (they are
-    what `cvt.weights` and `model_from_checkpoint` read).
+    The modules and optimisation state are restored in place on `load`; `epoch` (those done), `step`, `seconds`,
+    `history` and `best` say where the run is; `model_name`, `model_args`, `pretrained_cfg` and `config` describe it
+    (they are what `cvt.weights` and `model_from_checkpoint` read). The learning-rate schedule is not kept: it is a
+    function of the config and the step. A checkpoint written inside an epoch (train.checkpoint_every_steps) holds
+    each process's `EpochProgress` in `epoch_progress`; one written at an epoch's end holds None there.
     """
 
     directory: Path
     keep_epochs: int
     model: nn.Module
     optimizer: torch.optim.Optimizer
-    scheduler: Any
     scaler: torch.amp.GradScaler
     ema: nn.Module | None
     model_name: str
@@ -430,6 +590,7 @@ class TrainingState:
     seconds: float = 0.0
     history: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     best: dict[str, Any] = dataclasses.field(default_factory=lambda: {"top1": -1.0, "epoch": 0})
+    epoch_progress: list[dict[str, Any]] | None = None
 
     @property
     def last(self) -> Path:
@@ -451,7 +612,6 @@ class TrainingState:
             "model_args": self.model_args,
             "pretrained_cfg": self.pretrained_cfg,
             "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
             "ema": self.ema.state_dict() if self.ema is not None else None,
             "rng": rng,
@@ -460,13 +620,18 @@ class TrainingState:
             "seconds": self.seconds,
             "history": self.history,
             "best": self.best,
+            "epoch_progress": self.epoch_progress,
             "config": self.config,
         }
 
     def save(self, rng: list[dict[str, Any]]) -> None:
-        """Write last.pth, then its copies (epoch_NNNN.pth, best.pth), dropping the epoch files beyond the last
-        `keep_epochs`."""
+        """Write last.pth: the point from which a resume goes on."""
         save_atomic(self.state_dict(rng), self.last)
+
+    def copy_epoch(self) -> None:
+        """At an epoch's end, after `save`: last.pth copied to epoch_NNNN.pth (the last `keep_epochs` of them are
+        kept) and, when the epoch is the best so far, to best.pth. Repeating it is harmless, which a resume does to
+        finish what a kill left undone."""
         if self.keep_epochs:
             copy_atomic(self.last, self.directory / f"epoch_{self.epoch:04d}.pth")
             for old in sorted(self.directory.glob("epoch_*.pth"))[:-self.keep_epochs]:
@@ -483,40 +648,67 @@ class TrainingState:
         if saved is None:
             raise ValueError(f"{path} is not a training checkpoint written by `cvt train`; to start from its "
                              "weights, set model.pretrained instead")
-        self.model.load_state_dict(saved["model"])
-        self.optimizer.load_state_dict(saved["optimizer"])
-        self.scheduler.load_state_dict(saved["scheduler"])
-        self.scaler.load_state_dict(saved["scaler"])
+        progress = saved.get("epoch_progress")
+        if progress is not None and len(progress) != world:
+            raise ValueError(f"{path} was written inside epoch {saved['epoch'] + 1} by {len(progress)} processes: "
+                             f"resume it with as many, or from an epoch's checkpoint (epoch_NNNN.pth)")
+        try:
+            self.model.load_state_dict(saved["model"])
+            self.optimizer.load_state_dict(saved["optimizer"])
+        except (RuntimeError, ValueError) as e:
+            raise ValueError(f"{path} does not fit this run's model and optimizer "
+                             f"({str(e).splitlines()[0]}): it is another run's checkpoint") from None
+        if saved["scaler"]:  # empty from a run without fp16 (train.amp may change on a resume)
+            self.scaler.load_state_dict(saved["scaler"])
         if self.ema is not None:
             self.ema.load_state_dict(saved["ema"])
         if len(saved["rng"]) == world:
             set_rng_state(saved["rng"][rank])
         self.epoch, self.step, self.seconds = saved["epoch"], saved["step"], saved["seconds"]
-        self.history, self.best = saved["history"], saved["best"]
+        self.history, self.best, self.epoch_progress = saved["history"], saved["best"], progress
 
 
 def checkpoint_note(path: Path) -> str:
+    """Where a stopped run can go on from, and how."""
     state = read_training_checkpoint(path)
     if state is None:
-        return "no checkpoint was written before it"
-    return f"the last good checkpoint is {path} (epoch {state['epoch']}); resume from it with --resume"
+        return "no checkpoint was written before it, so start it again with the change"
+    return (f"the last good checkpoint is {path} (step {state['step']}): go on from it with the change, "
+            f"`cvt train --resume --output {path.parent} KEY=VALUE`")
 
 
-def build_model(model_cfg: dict, num_classes: int) -> tuple[nn.Module, dict[str, Any]]:
+# The pretrained_cfg fields a run sets from its data config (build_model) and its checkpoints keep.
+TRAINED_CFG = ("input_size", "crop_pct", "crop_mode")
+
+
+def build_model(model_cfg: dict, num_classes: int,
+                data_cfg: dict | None = None) -> tuple[nn.Module, dict[str, Any]]:
     """The configured model, from scratch or fine-tuned from `pretrained`, and a note on where its weights came
     from. Fine-tuning keeps a checkpoint's architecture (under `model.args`) but not its image size, zoo name or
-    labels, so that weights trained at 224 move to a 384 model and a head of another class count is replaced."""
+    labels, so that weights trained at 224 move to a 384 model and a head of another class count is replaced.
+
+    With the run's `data_cfg`, the model's pretrained_cfg says how its held-out images are prepared (TRAINED_CFG:
+    data.img_size and the eval crop), which its checkpoints carry to `cvt predict`, `cvt eval`, `cvt export` and
+    `timm.data.resolve_model_data_config`."""
     name, args = model_cfg["name"], dict(model_cfg["args"] or {})
     if not model_cfg["pretrained"]:
-        return create_model(name, num_classes=num_classes, **args), {}
-    checkpoint = load_checkpoint(model_cfg["pretrained"])
-    checkpoint = dataclasses.replace(checkpoint, model_name=None, pretrained_cfg={},
-                                     model_args={k: v for k, v in checkpoint.model_args.items() if k != "img_size"})
-    model = create_model(name, num_classes=num_classes, pretrained=checkpoint, **args)
-    if model_cfg["reset_head"]:
-        model.reset_classifier(num_classes)
-    return model, {"pretrained": str(model_cfg["pretrained"]), "pretrained_classes": checkpoint.num_classes,
-                   "head_replaced": model_cfg["reset_head"] or checkpoint.num_classes != num_classes}
+        model, provenance = create_model(name, num_classes=num_classes, **args), {}
+    else:
+        checkpoint = load_checkpoint(model_cfg["pretrained"])
+        checkpoint = dataclasses.replace(checkpoint, model_name=None, pretrained_cfg={}, model_args={
+            k: v for k, v in checkpoint.model_args.items() if k != "img_size"})
+        model = create_model(name, num_classes=num_classes, pretrained=checkpoint, **args)
+        if model_cfg["reset_head"]:
+            model.reset_classifier(num_classes)
+        provenance = {"pretrained": str(model_cfg["pretrained"]), "pretrained_classes": checkpoint.num_classes,
+                      "head_replaced": model_cfg["reset_head"] or checkpoint.num_classes != num_classes}
+    if data_cfg is not None:
+        # The held-out set's transform (build_data): data.img_size, and the data config's crop, else the zoo's.
+        crop_pct, crop_mode = eval_crop(data_cfg, ZOO[name][1])
+        size = data_cfg["img_size"]
+        model.pretrained_cfg = model.default_cfg = dict(
+            model.pretrained_cfg, input_size=(model.in_chans, size, size), crop_pct=crop_pct, crop_mode=crop_mode)
+    return model, provenance
 
 
 @torch.no_grad()
@@ -557,6 +749,8 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, model_name: str | None = 
                         device: str = "auto") -> dict[str, Any]:
     """Evaluate a checkpoint on a held-out split. A checkpoint written by `train` brings its data config (dataset,
     split, image size, eval transform); `data` keys override it, and are needed for any other checkpoint."""
+    from timm.data import resolve_model_data_config
+
     state = read_training_checkpoint(checkpoint)
     if state is not None:
         data_cfg = merge_config(DEFAULTS["data"], state["config"]["data"], "data.")
@@ -567,9 +761,11 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, model_name: str | None = 
         raise ValueError(f"{checkpoint} was not written by `cvt train`: say which data to evaluate it on "
                          "(--data DATASET --root DIR)")
     data_cfg = merge_config(data_cfg, data or {}, "data.")
-    model = model_from_checkpoint(checkpoint, model_name)
-    data_cfg["img_size"] = data_cfg["img_size"] or model.pretrained_cfg["input_size"][-1]
-    dataset, class_names = build_eval_dataset(data_cfg, model.pretrained_cfg)
+    model = load_model(checkpoint, model_name)
+    model_cfg = resolve_model_data_config(model)  # what it was trained or evaluated at, carried by the checkpoint
+    _, h, w = model_cfg["input_size"]
+    data_cfg["img_size"] = data_cfg["img_size"] or (h if h == w else (h, w))
+    dataset, class_names = build_eval_dataset(data_cfg, model_cfg)
     if len(class_names) != model.num_classes:
         raise ValueError(f"{data_cfg['dataset']} has {len(class_names)} classes but the model predicts "
                          f"{model.num_classes}: evaluate it on the data it was trained or fine-tuned for")
@@ -595,6 +791,9 @@ def training_config(config: dict) -> dict:
         raise ValueError("train.epochs (or train.steps) must be at least 1")
     if t_cfg["amp"] not in AMP_DTYPES:
         raise ValueError(f"train.amp must be null, bf16 or fp16, got {t_cfg['amp']!r}")
+    if t_cfg["tensorboard"] and importlib.util.find_spec("tensorboard") is None:
+        raise ValueError("train.tensorboard needs the tensorboard package: pip install tensorboard (or the "
+                         "cvt[tensorboard] extra), or set train.tensorboard=false")
     return cfg
 
 
@@ -607,7 +806,8 @@ class TrainingData:
     class_names: list[str]
     train_set: Dataset
     val_set: Dataset
-    train_loader: DataLoader  # a DistributedSampler and a generator, both reseeded every epoch
+    train_loader: DataLoader  # of EpochSamples through a ResumableSampler, or of a stream (wds)
+    train_order: Any          # what set_epoch(epoch, skip) shuffles: the ResumableSampler, or the stream itself
     val_loader: DataLoader    # this process's shard of the held-out set
     micro_batch: int
     accumulation: int
@@ -615,28 +815,78 @@ class TrainingData:
     epochs: int
     total_steps: int
 
-    def start_epoch(self, epoch: int) -> None:
-        """Shuffle for `epoch` and seed its workers' augmentation, the same way when a resumed run reaches it."""
-        self.train_loader.sampler.set_epoch(epoch)
-        self.train_loader.generator.manual_seed(self.seed * 100_003 + epoch)
+    def start_epoch(self, epoch: int, skip: int = 0) -> None:
+        """Shuffle and augment for `epoch`, from its `skip`-th micro-batch on (a resume inside the epoch)."""
+        self.train_loader.dataset.epoch = epoch
+        self.train_order.set_epoch(epoch, skip * self.micro_batch)
+
+
+class EpochSamples(Dataset):
+    """The training set, each sample augmented under its own seed (the run's seed, the epoch, the index): an image
+    gets the same augmentation in an epoch whichever worker loads it and wherever a resume starts, so skipping the
+    samples a checkpoint had seen resumes exactly. The process's own generators are left as they were."""
+
+    def __init__(self, dataset: Dataset, seed: int):
+        self.dataset, self.seed, self.epoch = dataset, seed, 0
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> Any:
+        seed = hash((self.seed, self.epoch, index)) % 2**63  # ints hash to themselves: the same in every process
+        python_state, numpy_state = random.getstate(), np.random.get_state()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            random.seed(seed)
+            np.random.seed(seed % 2**32)
+            try:
+                return self.dataset[index]
+            finally:
+                random.setstate(python_state)
+                np.random.set_state(numpy_state)
+
+
+class ResumableSampler(Sampler):
+    """An epoch's indices from `sampler` (a DistributedSampler), from the `skip`-th on."""
+
+    def __init__(self, sampler: DistributedSampler):
+        self.sampler, self.skip = sampler, 0
+
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        self.sampler.set_epoch(epoch)
+        self.skip = skip
+
+    def __iter__(self) -> Iterator[int]:
+        return itertools.islice(iter(self.sampler), self.skip, None)
+
+    def __len__(self) -> int:
+        return len(self.sampler) - self.skip
 
 
 def build_data(cfg: dict, processes: Processes) -> TrainingData:
     d_cfg, t_cfg, world = cfg["data"], cfg["train"], processes.world
-    train_set, val_set, class_names = build_datasets(d_cfg, ZOO[cfg["model"]["name"]][1])
     micro = t_cfg["micro_batch_size"] or t_cfg["batch_size"] // world
     if micro < 1 or t_cfg["batch_size"] % (micro * world):
         raise ValueError(f"train.batch_size {t_cfg['batch_size']} is not a multiple of micro_batch_size {micro} x "
                          f"{world} processes: make it one, so that gradient accumulation reaches it exactly")
     accumulation = t_cfg["batch_size"] // (micro * world)
-    sampler = DistributedSampler(train_set, num_replicas=world, rank=processes.rank, shuffle=True,
-                                 seed=cfg["seed"])
+    train_set, val_set, class_names = build_datasets(d_cfg, ZOO[cfg["model"]["name"]][1],
+                                                     Readers(processes.rank, world, micro, cfg["seed"]))
     pin_memory = processes.device.type == "cuda"
-    # Workers restart every epoch (not persistent) so that they take that epoch's seeds, which a resume repeats.
-    train_loader = DataLoader(train_set, micro, sampler=sampler, num_workers=d_cfg["workers"],
-                              collate_fn=collate_skipping, drop_last=True, pin_memory=pin_memory,
-                              generator=torch.Generator())
-    val_loader = eval_loader(val_set, micro, d_cfg["workers"], processes.rank, world, pin_memory)
+    if isinstance(train_set, IterableDataset):
+        # A stream (wds) splits itself across ranks and workers, and shuffles, seeds and skips by its set_epoch.
+        order, loader_set, loader_args = train_set, train_set, {}
+        val_loader = DataLoader(val_set, micro, num_workers=d_cfg["workers"], collate_fn=collate_skipping,
+                                pin_memory=pin_memory)
+    else:
+        sampler, sampled = train_sampler(train_set, d_cfg["repeated_aug"], processes.rank, world, cfg["seed"])
+        order = ResumableSampler(sampler)
+        loader_set, loader_args = EpochSamples(sampled, cfg["seed"]), {"sampler": order}
+        val_loader = eval_loader(val_set, micro, d_cfg["workers"], processes.rank, world, pin_memory)
+    # Workers restart every epoch (not persistent) so that they take the epoch of EpochSamples; the loader's own
+    # generator draws their seeds, so that the draw leaves the process's generator, which a checkpoint keeps, alone.
+    train_loader = DataLoader(loader_set, micro, num_workers=d_cfg["workers"], collate_fn=collate_skipping,
+                              drop_last=True, pin_memory=pin_memory, generator=torch.Generator(), **loader_args)
     steps_per_epoch = len(train_loader) // accumulation
     if steps_per_epoch == 0:
         raise ValueError(f"the training set ({len(train_set)} images) is smaller than one batch of "
@@ -645,8 +895,8 @@ def build_data(cfg: dict, processes: Processes) -> TrainingData:
         total_steps, epochs = t_cfg["steps"], math.ceil(t_cfg["steps"] / steps_per_epoch)
     else:
         total_steps, epochs = t_cfg["epochs"] * steps_per_epoch, t_cfg["epochs"]
-    return TrainingData(cfg["seed"], class_names, train_set, val_set, train_loader, val_loader, micro, accumulation,
-                        steps_per_epoch, epochs, total_steps)
+    return TrainingData(cfg["seed"], class_names, train_set, val_set, train_loader, order, val_loader, micro,
+                        accumulation, steps_per_epoch, epochs, total_steps)
 
 
 @dataclasses.dataclass
@@ -668,7 +918,7 @@ def build_models(cfg: dict, processes: Processes, num_classes: int) -> TrainingM
     from timm.utils import ModelEmaV3
 
     m_cfg, device = cfg["model"], processes.device
-    model, provenance = build_model(m_cfg, num_classes)
+    model, provenance = build_model(m_cfg, num_classes, cfg["data"])
     if provenance.get("head_replaced"):
         processes.log(f"fine-tuning from {provenance['pretrained']}: new {num_classes}-class head "
                       f"(the checkpoint's had {provenance['pretrained_classes']})")
@@ -738,20 +988,36 @@ def build_optimization(t_cfg: dict, model: nn.Module, data: TrainingData, device
 def new_training_state(cfg: dict, output_dir: Path, models: TrainingModels, optimization: Optimization,
                        class_names: list[str]) -> TrainingState:
     """The state of a run at its start, with the description its checkpoints carry."""
-    crop_pct, crop_mode = eval_crop(cfg["data"], ZOO[cfg["model"]["name"]][1])
     return TrainingState(
         directory=output_dir, keep_epochs=cfg["train"]["keep_epoch_checkpoints"], model=models.model,
-        optimizer=optimization.optimizer, scheduler=optimization.scheduler, scaler=optimization.scaler,
+        optimizer=optimization.optimizer, scaler=optimization.scaler,
         ema=models.ema_model, model_name=cfg["model"]["name"],
         model_args={k: v for k, v in models.model.config.items() if k != "num_classes"},
-        pretrained_cfg={"label_names": class_names, "crop_pct": crop_pct, "crop_mode": crop_mode}, config=cfg)
+        pretrained_cfg={"label_names": class_names, **{k: models.model.pretrained_cfg[k] for k in TRAINED_CFG}},
+        config=cfg)
 
 
-def resume(state: TrainingState, resume_from: bool | str | os.PathLike, processes: Processes) -> None:
-    """Load `train.resume`'s checkpoint into `state`: true is the output directory's last.pth."""
-    path = state.last if resume_from is True else Path(resume_from)
-    state.load(path, processes.rank, processes.world)
-    processes.log(f"resumed from {path}: epoch {state.epoch}, step {state.step}")
+def recorded_config(checkpoint: str | os.PathLike) -> dict:
+    """The config a training checkpoint records: what a resume goes on with."""
+    state = read_training_checkpoint(checkpoint)
+    if state is None:
+        raise ValueError(f"{checkpoint} is not a training checkpoint written by `cvt train`; to start from its "
+                         "weights, set model.pretrained instead")
+    return state["config"]
+
+
+def resume(state: TrainingState, checkpoint: Path, changes: list[str], optimization: Optimization,
+           data: TrainingData, processes: Processes) -> None:
+    """Load `checkpoint` into `state` and set the learning rate this config's schedule gives its step: a new
+    train.lr or length re-plans the schedule from there."""
+    state.load(checkpoint, processes.rank, processes.world)
+    if state.step > data.total_steps:
+        raise ValueError(f"{checkpoint} is at step {state.step} (epoch {state.epoch}), past the {data.total_steps} "
+                         "steps this config trains: give train.epochs (or train.steps) at least that many")
+    optimization.scheduler.step_update(state.step)
+    where = f"epoch {state.epoch}" + (" and part of the next" if state.epoch_progress else "")
+    changed = f"; changed: {', '.join(changes)}" if changes else ""
+    processes.log(f"resumed from {checkpoint}: {where}, step {state.step}{changed}")
 
 
 def describe_run(cfg: dict, data: TrainingData, models: TrainingModels, optimization: Optimization,
@@ -798,8 +1064,8 @@ class FirstNonFiniteLoss:
             where = (f"is {first_loss} at epoch {epoch + 1}, step {int(first_step)}" if first_step
                      else f"stopped being finite in another process by epoch {epoch + 1}, step {step}")
             raise FloatingPointError(
-                f"the loss {where}: training diverged and stopped; {checkpoint_note(last_checkpoint)}. Lower "
-                "train.lr, set train.clip_grad, or use train.amp=bf16 rather than fp16")
+                f"the loss {where}: training diverged and stopped. Lower train.lr, set train.clip_grad, or use "
+                f"train.amp=bf16 rather than fp16; {checkpoint_note(last_checkpoint)}")
         return loss_now
 
 
@@ -839,20 +1105,45 @@ def optimizer_step(models: TrainingModels, optimization: Optimization, state: Tr
         models.ema.update(models.model, step=state.step)
 
 
+@dataclasses.dataclass
+class EpochProgress:
+    """This process's sums over the micro-batches of the epoch so far. A checkpoint inside the epoch keeps them, so
+    that a resumed epoch's metrics are the whole epoch's."""
+
+    micro_steps: int = 0
+    loss_sum: float = 0.0
+    skipped: int = 0
+    images: int = 0
+    seconds: float = 0.0
+
+
+def save_checkpoint(state: TrainingState, processes: Processes, progress: EpochProgress | None = None) -> None:
+    """last.pth with every process's random generators and, inside an epoch, its `progress`: gathered by all the
+    processes together, written by the main one."""
+    gathered = gather((rng_state(), dataclasses.asdict(progress) if progress else None), processes.world)
+    state.epoch_progress = [p for _, p in gathered] if progress else None
+    if processes.is_main:
+        state.save([rng for rng, _ in gathered])
+
+
 def train_one_epoch(epoch: int, models: TrainingModels, optimization: Optimization, data: TrainingData,
-                    state: TrainingState, processes: Processes, show_progress: bool) -> dict[str, float]:
-    """The optimizer steps of `epoch` (fewer where train.steps ends the run in it). Returns its mean training loss
-    and the images skipped (both over all processes), its speed and its seconds."""
+                    state: TrainingState, processes: Processes, t_cfg: dict) -> dict[str, float]:
+    """The optimizer steps of `epoch` from where the run is in it (fewer where train.steps ends the run in it),
+    writing last.pth every train.checkpoint_every_steps. Returns the epoch's mean training loss and the images
+    skipped (both over all processes), its speed and its seconds."""
     from tqdm import tqdm
 
-    device, world = processes.device, processes.world
-    data.start_epoch(epoch)
+    device, world, every = processes.device, processes.world, t_cfg["checkpoint_every_steps"]
+    before = EpochProgress(**state.epoch_progress[processes.rank]) if state.epoch_progress else EpochProgress()
+    done = state.step - epoch * data.steps_per_epoch  # the epoch's steps before a resume inside it
+    data.start_epoch(epoch, skip=done * data.accumulation)
     models.distributed.train()
-    micro_steps = min(data.steps_per_epoch, data.total_steps - state.step) * data.accumulation
-    loss_sum, non_finite = torch.zeros((), device=device), FirstNonFiniteLoss(device)
-    skipped, images_seen, started = 0, 0, time.time()
+    steps = min(data.steps_per_epoch, data.total_steps - epoch * data.steps_per_epoch) - done
+    micro_steps = steps * data.accumulation
+    loss_sum, non_finite = torch.tensor(before.loss_sum, device=device), FirstNonFiniteLoss(device)
+    skipped, images_seen, started = before.skipped, before.images, time.time() - before.seconds
     batches = tqdm(itertools.islice(data.train_loader, micro_steps), total=micro_steps,
-                   desc=f"epoch {epoch + 1}/{data.epochs}", disable=not (processes.is_main and show_progress),
+                   desc=f"epoch {epoch + 1}/{data.epochs}", disable=not (processes.is_main and t_cfg["progress"]),
                    leave=False, dynamic_ncols=True)
     for i, (images, targets, n_skipped) in enumerate(batches):
         images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
@@ -870,12 +1161,16 @@ def train_one_epoch(epoch: int, models: TrainingModels, optimization: Optimizati
             loss_now = non_finite.read_loss(loss, epoch, state.step, state.last)
             batches.set_postfix(loss=f"{loss_now:.3f}", lr=f"{optimization.current_lr:.2e}",
                                 img_s=f"{images_seen * world / (time.time() - started):.0f}")
+        if every and state.step % every == 0 and i + 1 < micro_steps:
+            non_finite.read_loss(loss, epoch, state.step, state.last)  # never checkpoint a diverged run
+            save_checkpoint(state, processes, EpochProgress(before.micro_steps + i + 1, loss_sum.item(), skipped,
+                                                            images_seen, time.time() - started))
     batches.close()
     seconds = time.time() - started
-    train_loss, skipped = all_reduce_sum(torch.stack([loss_sum / micro_steps,
-                                                      torch.tensor(float(skipped), device=device)])).tolist()
-    return {"train_loss": train_loss / world, "skipped": skipped, "images_per_second": images_seen * world / seconds,
-            "seconds": seconds}
+    mean_loss = loss_sum / (before.micro_steps + micro_steps)
+    train_loss, skipped = all_reduce_sum(torch.stack([mean_loss, torch.tensor(float(skipped), device=device)]))
+    return {"train_loss": train_loss.item() / world, "skipped": skipped.item(),
+            "images_per_second": images_seen * world / seconds, "seconds": seconds}
 
 
 def evaluate_epoch(epoch: int, trained: dict[str, float], models: TrainingModels, optimization: Optimization,
@@ -929,35 +1224,108 @@ def summarize(cfg: dict, state: TrainingState, data: TrainingData, models: Train
 # ---------------------------------------------------------------------------------------------------------------
 # Training
 
-def train(config: dict, output_dir: str | os.PathLike) -> dict[str, Any]:
-    """Run one training (resuming if `train.resume` says so); returns the summary also written to summary.json."""
+class EpochRecord:
+    """What the main process writes at each epoch's end after last.pth: its copies (`TrainingState.copy_epoch`),
+    metrics.jsonl and metrics.csv, curves.png, and with train.tensorboard TensorBoard's scalars. Each write repeats
+    harmlessly, so a resume does them again for an epoch whose last.pth a kill left without them."""
+
+    def __init__(self, cfg: dict, state: TrainingState, models: TrainingModels):
+        self.state = state
+        self.title = (f"{cfg['name']}: {cfg['model']['name']} ({count_params(models.model):,} parameters) on "
+                      f"{cfg['data']['dataset']}")
+        self.tensorboard = None
+        if cfg["train"]["tensorboard"]:
+            from torch.utils.tensorboard import SummaryWriter
+
+            # purge_step: the scalars an earlier, killed attempt logged past the resumed step are dropped
+            self.tensorboard = SummaryWriter(str(state.directory / "tensorboard"), purge_step=state.step or None)
+
+    def write(self) -> None:
+        state = self.state
+        state.copy_epoch()
+        write_metrics(state.history, state.directory)
+        plot_curves(state.history, state.directory / "curves.png", title=self.title)
+        if self.tensorboard is not None:
+            row = state.history[-1]
+            for key, value in row.items():
+                if key not in ("epoch", "step"):
+                    self.tensorboard.add_scalar(key, value, global_step=row["step"])
+            self.tensorboard.flush()
+
+    def close(self) -> None:
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+
+
+def adapted_to_device(cfg: dict, processes: Processes) -> dict:
+    """`cfg` as this machine runs it well, each change said once. On the CPU, fp16 autocast is slower than
+    float32 and its gradient scaler does nothing there, so the run trains in float32; more loader workers than the
+    CPU cores a process has only contend for them, so they are cut to that many. Checkpoints record the recipe's
+    values, so a resume on a GPU machine gets them back."""
+    run = copy.deepcopy(cfg)
+    if processes.device.type == "cpu" and run["train"]["amp"] == "fp16":
+        run["train"]["amp"] = None
+        processes.log("train.amp=fp16 on the CPU: float16 autocast is slower there than float32, so this run "
+                      "trains in float32 (train.amp=bf16 or train.amp=null chooses explicitly)")
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    cores = max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    if run["data"]["workers"] > cores:
+        processes.log(f"data.workers={run['data']['workers']}, but each training process here has {cores} CPU "
+                      f"cores: using {cores} loader workers (set data.workers to at most {cores} to choose)")
+        run["data"]["workers"] = cores
+    return run
+
+
+def train(config: dict, output_dir: str | os.PathLike, overwrite: bool = False) -> dict[str, Any]:
+    """Run one training, or go on with one (`train.resume`); returns the summary also written to summary.json.
+
+    The output folder is the run's alone while it runs (`RunFolder`). A new run into a folder holding an earlier
+    run is refused unless `overwrite`, which deletes the earlier run's files first. A resumed run goes on with the
+    config its checkpoint records; `config` may change only the RESUMABLE keys."""
     cfg = training_config(config)
-    t_cfg = cfg["train"]
-    processes = setup_distributed(t_cfg["device"])
+    processes = setup_distributed(cfg["train"]["device"])
+    folder = RunFolder(Path(output_dir))
+    try:
+        checkpoint = on_main(processes, lambda: folder.claim(cfg["train"]["resume"], overwrite))
+        changes = []
+        if checkpoint is not None:
+            cfg, changes = resumed_config(recorded_config(checkpoint), cfg)
+        return run_training(cfg, folder.directory, checkpoint, changes, processes)
+    finally:
+        folder.release()
+        if processes.started_group:
+            dist.destroy_process_group()
+
+
+def run_training(cfg: dict, output_dir: Path, checkpoint: Path | None, changes: list[str],
+                 processes: Processes) -> dict[str, Any]:
+    """The run itself, in a folder `train` holds: set-up, the epochs from the checkpoint's on, the summary."""
+    run_cfg = adapted_to_device(cfg, processes)
+    t_cfg = run_cfg["train"]
     seed_everything(cfg["seed"])  # the same initial weights on every process
-    data = build_data(cfg, processes)
-    models = build_models(cfg, processes, len(data.class_names))
+    data = build_data(run_cfg, processes)
+    models = build_models(run_cfg, processes, len(data.class_names))
     optimization = build_optimization(t_cfg, models.model, data, processes.device)
-    state = new_training_state(cfg, Path(output_dir), models, optimization, data.class_names)
+    state = new_training_state(cfg, output_dir, models, optimization, data.class_names)
     seed_everything(cfg["seed"] + processes.rank)  # each process its own augmentation and dropout
-    if t_cfg["resume"]:
-        resume(state, t_cfg["resume"], processes)
+    if checkpoint is not None:
+        resume(state, checkpoint, changes, optimization, data, processes)
     processes.log(describe_run(cfg, data, models, optimization, processes))
+    record = EpochRecord(cfg, state, models) if processes.is_main else None
+    if record is not None and state.history and state.epoch_progress is None:
+        record.write()  # what a kill after the last epoch's last.pth left undone
     started = time.time() - state.seconds  # the seconds of the runs before this one count
     for epoch in epochs_of_this_run(t_cfg, data, state):
-        trained = train_one_epoch(epoch, models, optimization, data, state, processes, t_cfg["progress"])
+        trained = train_one_epoch(epoch, models, optimization, data, state, processes, t_cfg)
         row = evaluate_epoch(epoch, trained, models, optimization, data, state, processes)
         state.record(row, seconds=time.time() - started)
-        rng = all_rng_states(processes.world)  # gathered by every process, written by the main one
-        if processes.is_main:
-            state.save(rng)
-            write_metrics(state.history, state.directory)
-            plot_curves(state.history, state.directory / "curves.png")
+        save_checkpoint(state, processes)
+        if record is not None:
+            record.write()
         processes.log(describe_epoch(row, data.epochs))
     state.seconds = time.time() - started
     summary = summarize(cfg, state, data, models, processes)
-    if processes.is_main:
+    if record is not None:
         write_atomic(state.directory / "summary.json", json.dumps(summary, indent=2))
-    if processes.started_group:
-        dist.destroy_process_group()
+        record.close()
     return summary
