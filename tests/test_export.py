@@ -1,4 +1,5 @@
 """ONNX and TorchScript export: one file runs at every batch size and resolution and matches PyTorch."""
+import json
 import warnings
 
 import numpy as np
@@ -21,9 +22,14 @@ def tiny_model():
     return randomize_batchnorm(cvt.create_model("cvt_13_224", **TINY).eval())
 
 
+LABELS = [f"digit {i}" for i in range(10)]
+
+
 @pytest.fixture(scope="module")
 def onnx_export(tmp_path_factory):
     model = tiny_model()
+    # What a run fine-tuned at 80 (the model's own size is 64) carries: its labels and its eval preprocessing.
+    model.pretrained_cfg.update(label_names=LABELS, input_size=(3, 80, 80), crop_pct=1.0, crop_mode="squash")
     path = tmp_path_factory.mktemp("onnx") / "tiny.onnx"
     check = export_model(model, path, "onnx")
     return model, path, check
@@ -50,6 +56,18 @@ def test_onnx_runtime_matches_pytorch_at_any_batch_and_size(onnx_export):
     assert isinstance(images.shape[0], str) and images.shape[1] == 3
     assert isinstance(images.shape[2], str) and isinstance(images.shape[3], str)
     assert_matches(lambda x: session.run(None, {images.name: x.numpy()})[0], model)
+
+
+def test_onnx_file_carries_the_labels_and_the_preprocessing(onnx_export):
+    import onnx
+
+    _, path, _ = onnx_export
+    props = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+    assert json.loads(props["label_names"]) == LABELS and props["num_classes"] == "10"
+    assert json.loads(props["input_size"]) == [3, 80, 80]
+    assert (props["crop_pct"], props["crop_mode"], props["interpolation"]) == ("1.0", "squash", "bicubic")
+    assert json.loads(props["mean"]) == pytest.approx([0.485, 0.456, 0.406])
+    assert json.loads(props["std"]) == pytest.approx([0.229, 0.224, 0.225])
 
 
 def test_onnx_file_is_self_contained(onnx_export):

@@ -1,13 +1,16 @@
-"""Conversion both ways with transformers' CvtForImageClassification."""
+"""Conversion both ways with transformers' CvtForImageClassification, and the preprocessing that goes with it."""
 import inspect
+import json
 
 import pytest
+import timm.data
 import torch
+from PIL import Image
 from transformers import CvtConfig, CvtForImageClassification
 
 import cvt
 from cvt.hf import from_hf, save_hf, to_hf
-from cvt.model import CvT, _per_stage, model_from_checkpoint
+from cvt.model import IMAGENET_MEAN, IMAGENET_STD, CvT, _per_stage, model_from_checkpoint
 from cvt.weights import _HF_CONFIG_NAMES, _rename, load_checkpoint
 from helpers import randomize_batchnorm
 
@@ -132,3 +135,41 @@ def test_from_hf_refuses_a_directory_of_ours(tmp_path):
     cvt.create_model("cvt_13_224", **TINY).save_pretrained(tmp_path / "ours")
     with pytest.raises(ValueError, match="not a Hugging Face CvT directory"):
         from_hf(tmp_path / "ours")
+
+
+def test_a_transformers_directory_brings_a_whole_data_config(hf_model, tmp_path):
+    """transformers' save_pretrained writes no image size: the model runs at CvT's native 224 with the paper's
+    eval transform, which timm's resolver reads (it was an empty pretrained_cfg)."""
+    hf_model.save_pretrained(tmp_path / "hf")
+    model = from_hf(tmp_path / "hf")
+    assert model.pretrained_cfg["input_size"] == (3, 224, 224)
+    assert timm.data.resolve_model_data_config(model) == {
+        "input_size": (3, 224, 224), "interpolation": "bicubic", "mean": IMAGENET_MEAN, "std": IMAGENET_STD,
+        "crop_pct": 0.875, "crop_mode": "center"}
+
+
+@pytest.mark.parametrize("size, crop", [(224, (0.875, "center")), (384, (1.0, "squash"))])
+def test_a_hub_image_processor_gives_the_preprocessing(hf_model, tmp_path, size, crop):
+    """What the Hub's microsoft/cvt-13 and cvt-13-384 hold beside the weights: ConvNeXt's processor config, which
+    squashes from 384 on."""
+    hf_model.save_pretrained(tmp_path / "hf")
+    (tmp_path / "hf" / "preprocessor_config.json").write_text(json.dumps({
+        "crop_pct": 0.875, "do_normalize": True, "do_resize": True, "feature_extractor_type": "ConvNextFeatureExtractor",
+        "image_mean": [0.5, 0.5, 0.5], "image_std": [0.25, 0.25, 0.25], "resample": 2, "size": size}))
+    for model in (from_hf(tmp_path / "hf"), cvt.create_model("cvt_13_224", pretrained=tmp_path / "hf")):
+        cfg = timm.data.resolve_model_data_config(model)
+        assert cfg["input_size"] == (3, size, size) and (cfg["crop_pct"], cfg["crop_mode"]) == crop
+        assert cfg["interpolation"] == "bilinear" and cfg["mean"] == (0.5,) * 3 and cfg["std"] == (0.25,) * 3
+
+
+def test_save_hf_writes_the_preprocessing_transformers_reads(tmp_path):
+    from transformers import AutoImageProcessor
+
+    ours = cvt.create_model("cvt_13_224", num_classes=2, **dict(TINY, img_size=48))
+    ours.pretrained_cfg.update(crop_pct=0.9, crop_mode="center")
+    save_hf(ours, tmp_path / "hf")
+    processor = AutoImageProcessor.from_pretrained(tmp_path / "hf")
+    pixels = processor(Image.new("RGB", (64, 40)), return_tensors="pt")["pixel_values"]
+    assert pixels.shape == (1, 3, 48, 48) and processor.crop_pct == 0.9
+    back = from_hf(tmp_path / "hf")
+    assert back.pretrained_cfg["input_size"] == (3, 48, 48) and back.pretrained_cfg["crop_pct"] == 0.9

@@ -1,6 +1,12 @@
-"""Checkpoint formats, head re-initialisation, mismatch errors, save_pretrained and `cvt convert`."""
+"""Checkpoint formats, head re-initialisation, mismatch errors, save_pretrained and `cvt convert`; damaged files
+and bad configs."""
+import copy
+import functools
+import inspect
 import json
 import os
+import random
+import shutil
 import warnings
 
 import pytest
@@ -10,9 +16,12 @@ import torchvision
 from safetensors.torch import save_file
 
 import cvt
+import cvt.hf
 from cvt.cli import main
+from cvt.engine import DEFAULTS, read_training_checkpoint
 from cvt.model import load_state_dict, load_weights, model_from_checkpoint
-from cvt.weights import Checkpoint, _rename, load_checkpoint, save_pretrained
+from cvt.weights import (TRAINING_FORMAT, Checkpoint, UnreadableCheckpointError, _rename, load_checkpoint,
+                         save_pretrained)
 from helpers import TINY, randomize_batchnorm
 X = torch.randn(2, 3, 48, 40)
 
@@ -257,3 +266,227 @@ def test_cli_convert_to_hf_and_back(tmp_path):
           "--set", "act_layer=gelu"])
     back = model_from_checkpoint(tmp_path / "back")
     torch.testing.assert_close(outputs(back), outputs(model), atol=0, rtol=0)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Untrusted files: every damaged weights file and every bad config gives one clear error naming the file
+
+def training_checkpoint(model: cvt.CvT) -> dict:
+    """What `cvt train` writes (engine.TrainingState.state_dict), less the optimisation state."""
+    return {"format": TRAINING_FORMAT, "model": model.state_dict(), "model_name": "cvt_13_224",
+            "model_args": {k: v for k, v in model.config.items() if k != "num_classes"},
+            "pretrained_cfg": {"label_names": ["a", "b", "c"]}, "epoch": 1, "step": 10, "config": DEFAULTS}
+
+
+def write_hf_directory(model: cvt.CvT, directory) -> None:
+    """A Hugging Face CvT directory as transformers writes it: its config's names, pytorch_model.bin and the image
+    processor's config."""
+    directory.mkdir()
+    config = {"model_type": "cvt", "embed_dim": model.config["embed_dims"], "depth": model.config["depths"],
+              "num_heads": model.config["num_heads"], "id2label": {"0": "a", "1": "b", "2": "c"}}
+    (directory / "config.json").write_text(json.dumps(config))
+    processor = {"image_processor_type": "ConvNextImageProcessor", "size": {"shortest_edge": 224}, "crop_pct": 0.875}
+    (directory / "preprocessor_config.json").write_text(json.dumps(processor))
+    torch.save(_rename(model.state_dict(), to_hf=True), directory / "pytorch_model.bin")
+
+
+@pytest.fixture(scope="module")
+def three_classes() -> cvt.CvT:
+    return tiny(num_classes=3)
+
+
+@pytest.fixture(scope="module")
+def valid_files(tmp_path_factory, three_classes):
+    """One valid file of every format the readers take."""
+    root = tmp_path_factory.mktemp("valid")
+    model = three_classes
+    torch.save({"state_dict": model.state_dict(), "epoch": 300}, root / "official.pth")  # the official release's
+    torch.save(model.state_dict(), root / "bare.pth")
+    torch.save(training_checkpoint(model), root / "last.pth")
+    save_file(model.state_dict(), root / "w.safetensors")
+    write_hf_directory(model, root / "hf")
+    model.save_pretrained(root / "ours")  # also what timm's local-dir loader reads
+    return root
+
+
+# (what a reader is given, the file in it that is damaged)
+DAMAGED_FILES = [("official.pth", None), ("bare.pth", None), ("last.pth", None), ("w.safetensors", None),
+                 ("hf", "config.json"), ("hf", "pytorch_model.bin"), ("hf", "preprocessor_config.json"),
+                 ("ours", "config.json"), ("ours", "model.safetensors")]
+TRUNCATIONS = 5  # the first damages cut the file short, the others are random bytes
+
+
+def damages(data: bytes) -> list[bytes]:
+    rng = random.Random(len(data))  # a fixed seed per file
+    cut = [0, 1, rng.randrange(2, len(data) // 2), rng.randrange(len(data) // 2, len(data) - 1), len(data) - 1]
+    noise = [rng.randbytes(len(data)), rng.randbytes(100)]
+    return [data[:n] for n in cut] + noise
+
+
+READERS = {
+    "create_model": lambda p: cvt.create_model("cvt_13_224", pretrained=p, **TINY),
+    "load_checkpoint": load_checkpoint,
+    # the model built once, on the meta device: no file reaches the loading
+    "load_weights": functools.partial(load_weights, cvt.CvT(num_classes=3, device="meta", **TINY)),
+    "from_hf": cvt.hf.from_hf,
+    "model_from_checkpoint": model_from_checkpoint,
+    "read_training_checkpoint": read_training_checkpoint,
+}
+
+
+def files_under(folder) -> list[str]:
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
+
+
+@pytest.mark.parametrize("damage", range(TRUNCATIONS + 2))
+@pytest.mark.parametrize("given, member", DAMAGED_FILES)
+def test_every_weights_reader_calls_a_damaged_file_by_its_name(valid_files, tmp_path, given, member, damage):
+    duplicate = shutil.copytree if (valid_files / given).is_dir() else shutil.copyfile
+    duplicate(valid_files / given, tmp_path / given)
+    bad = tmp_path / given / member if member else tmp_path / given
+    bad.write_bytes(damages(bad.read_bytes())[damage])
+    before = files_under(tmp_path)
+    for name, read in READERS.items():
+        if name == "read_training_checkpoint" and (member or bad.suffix == ".safetensors"):
+            continue  # a directory or a safetensors file is no training checkpoint: None, as for other weights
+        with pytest.raises(UnreadableCheckpointError) as e:
+            read(tmp_path / given)
+        message = str(e.value)
+        assert str(bad) in message and "\n" not in message, (name, message)
+        for wrong in ("PytorchStreamReader", "Weights only load failed", "weights_only=False", "pickled Python objects",
+                      "not written by"):
+            assert wrong not in message, (name, message)
+        if damage < TRUNCATIONS and bad.suffix in (".pth", ".bin"):
+            assert "truncated or corrupt" in message, (name, message)
+        assert files_under(tmp_path) == before, name  # the readers write nothing, not even temporary files
+
+
+DELETE = object()  # a change that removes the key
+
+
+def changed(config: dict, changes: dict) -> dict:
+    """`config` with dotted keys set (or removed, DELETE)."""
+    config = copy.deepcopy(config)
+    for dotted, value in changes.items():
+        *parents, key = dotted.split(".")
+        section = config
+        for parent in parents:
+            section = section[parent]
+        if value is DELETE:
+            del section[key]
+        else:
+            section[key] = value
+    return config
+
+
+def write_bad_config(model: cvt.CvT, kind: str, change: dict | bytes, folder):
+    """A checkpoint of `model` in `kind`'s format whose config has `change` (a dict of dotted keys, or the config
+    file's whole text); returns what the reader is given and the file that must be named."""
+    if kind == "train":
+        path = folder / "last.pth"
+        torch.save(changed(training_checkpoint(model), change), path)
+        return path, path
+    directory = folder / "model"
+    if kind == "hf":
+        write_hf_directory(model, directory)
+    else:
+        model.save_pretrained(directory)
+    config_path = directory / "config.json"
+    if isinstance(change, bytes):
+        config_path.write_bytes(change)
+    else:
+        config_path.write_text(json.dumps(changed(json.loads(config_path.read_text()), change)))
+    return directory, config_path
+
+
+BAD_CONFIGS = [
+    # (checkpoint kind: "ours" (save_pretrained), "hf", "train" (cvt train) or "timm" (our folder through timm's
+    # local-dir loader), the change, what the error says)
+    ("ours", {"model_args.depths": [1, -1, 2]}, r"depths takes whole numbers from 1 to 256 .*got \[1, -1, 2\]"),
+    ("ours", {"model_args.depths": [1, 1, 10**6]}, "depths takes whole numbers from 1 to 256"),
+    ("ours", {"model_args.embed_dims": [16, 32, 10**9]}, "embed_dims takes whole numbers from 1 to 8192"),
+    ("ours", {"model_args.embed_dims": 1e9}, "embed_dims takes whole numbers"),
+    ("ours", {"model_args.num_heads": [1, 2, 0]}, "num_heads takes whole numbers from 1"),
+    ("ours", {"model_args.num_heads": [1, 2, 5]}, r"embed_dims \[16, 32, 48\] are not divisible by num_heads"),
+    ("ours", {"model_args.depths": "deep"}, "depths takes whole numbers"),
+    ("ours", {"model_args.img_size": 10**5}, "img_size takes whole numbers from 1 to 4096"),
+    ("ours", {"model_args.kernel_qkv": 1001}, "kernel_qkv takes whole numbers from 1 to 32"),
+    ("ours", {"model_args.stride_kv": [2, 2]}, "stride_kv needs one value per stage"),
+    ("ours", {"model_args.colour": "red"}, r"unknown CvT arguments \['colour'\]"),
+    ("ours", {"model_args": DELETE}, "model_args is NoneType, not a mapping"),
+    ("ours", {"model_args": [16, 32, 48]}, "model_args is list, not a mapping"),
+    ("ours", {"model_args.depths": [1, 1, 3]}, r"depths \[1, 1, 3\] are not those of its weights"),
+    ("ours", {"model": "cvt_99"}, "model 'cvt_99' is none of the zoo's"),
+    ("ours", {"pretrained_cfg.label_names": 7}, "label_names are not a list of names"),
+    ("ours", b"[1, 2]", "holds a JSON list, not an object"),
+    ("ours", b'{"format": "cvt-pytorch", "model_args": {', "is not valid JSON"),
+    ("ours", b"\xff\xfe\x00garbage", "is not valid JSON"),
+    ("hf", {"depth": [1, -1, 2]}, "depths takes whole numbers from 1 to 256"),
+    ("hf", {"embed_dim": [16, 32, 10**9]}, "embed_dims takes whole numbers from 1 to 8192"),
+    ("hf", {"num_heads": [1, 2, 0]}, "num_heads takes whole numbers from 1"),
+    ("hf", {"id2label": {"cat": "0"}}, "id2label is not a mapping of class numbers to names"),
+    ("train", {"model_args.depths": [1, 1, 10**6]}, "depths takes whole numbers from 1 to 256"),
+    ("train", {"model_args": DELETE}, r"without \['model_args'\]"),
+    ("timm", {"model_args.depths": [1, -1, 2]}, "depths takes whole numbers from 1 to 256"),
+    ("timm", {"model_args.embed_dims": [16, 32, 10**9]}, "embed_dims takes whole numbers from 1 to 8192"),
+]
+
+
+@pytest.mark.parametrize("kind, change, says", BAD_CONFIGS)
+def test_a_bad_config_is_refused_naming_it_before_a_model_is_built(three_classes, tmp_path, monkeypatch, kind, change,
+                                                                  says):
+    given, named = write_bad_config(three_classes, "ours" if kind == "timm" else kind, change, tmp_path)
+
+    def build_stage(*args, **kwargs):
+        raise AssertionError("a stage was built from a config that is refused")
+
+    monkeypatch.setattr(cvt.model.Stage, "__init__", build_stage)
+    if kind == "timm":  # timm reads the file, then CvT's own checks refuse its arguments
+        with pytest.raises(ValueError, match=says):
+            timm.create_model(f"local-dir:{given}", pretrained=True)
+        return
+    for read in (load_checkpoint, model_from_checkpoint, lambda p: cvt.create_model("cvt_13_224", pretrained=p)):
+        with pytest.raises(UnreadableCheckpointError, match=says) as e:
+            read(given)
+        assert str(e.value).startswith(str(named)) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("args, says", [
+    (dict(depths=(1, -1, 2)), r"depths takes whole numbers from 1 to 256 .*got \[1, -1, 2\]"),
+    (dict(depths=(1, 1, 10**6)), "depths takes whole numbers from 1 to 256"),
+    (dict(embed_dims=(16, 32, 10**9)), "embed_dims takes whole numbers from 1 to 8192"),
+    (dict(num_heads=(1, 2, 0)), "num_heads takes whole numbers from 1"),
+    (dict(num_classes=-1), "num_classes takes whole numbers from 0"),
+    (dict(patch_sizes=(7, 3, 301)), "patch_sizes takes whole numbers from 1 to 32"),
+    (dict(mlp_ratio=1e6), "mlp_ratio takes numbers from 0 to 16"),
+    (dict(drop_path_rate=1.5), "drop_path_rate takes numbers from 0 to 1"),
+    (dict(cls_token="yes"), "cls_token takes true or false"),
+    (dict(global_pool="max"), "global_pool takes one of None, 'token', 'avg'"),
+    (dict(global_pool="token", cls_token=False), "global_pool 'token' needs a class token"),
+    (dict(img_size=2), "img_size 2 leaves the last stage no tokens: .* at least 3x3"),
+])
+def test_cvt_arguments_are_checked_before_anything_is_built(monkeypatch, args, says):
+    monkeypatch.setattr(cvt.model.Stage, "__init__", lambda *a, **k: pytest.fail("a stage was built"))
+    with pytest.raises(ValueError, match=says):
+        cvt.CvT(**dict(TINY, **args))
+
+
+def test_a_geometry_needing_a_large_input_still_builds():
+    model = cvt.CvT(**dict(TINY, patch_strides=16, patch_sizes=16, patch_paddings=0, img_size=4096), device="meta")
+    assert model.min_input_size == 16 ** 3
+
+
+def test_cli_calls_a_truncated_training_checkpoint_truncated_in_eval_and_on_resume(valid_files, tmp_path, capsys):
+    (tmp_path / "run").mkdir()
+    last = tmp_path / "run" / "last.pth"
+    last.write_bytes((valid_files / "last.pth").read_bytes()[:2000])
+    for argv in (["eval", "--checkpoint", str(last)], ["train", "--output", str(last.parent), "--resume"]):
+        with pytest.raises(SystemExit):
+            main(argv)
+        err = capsys.readouterr().err
+        assert f"{last} is truncated or corrupt" in err and len(err.strip().splitlines()) == 1, err
+        assert sorted(os.listdir(last.parent)) == ["last.pth"]
+
+
+def test_every_cvt_argument_has_a_rule():
+    assert set(cvt.model.ARG_RULES) == set(inspect.signature(cvt.CvT).parameters)

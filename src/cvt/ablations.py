@@ -5,7 +5,7 @@ study with the same recipe and seeds, then writes into its output directory:
 
 - `results.csv`: one row per variant and seed (GMACs @224, params, top-1, top-5, loss, epochs, seconds);
 - `results.md`: the table (variant, params, GMACs @224, top-1 mean +/- std over seeds);
-- `results.png`: top-1 and GMACs per variant.
+- `results.png`: top-1 per variant (every seed, and what one held-out image is worth) and GMACs @224.
 
 Each run lives in `OUTPUT/<variant>/seed<N>/`. A run whose `summary.json` says it finished is not trained again
 and one stopped part-way resumes from its last checkpoint, so an interrupted study goes on where it stopped;
@@ -19,16 +19,22 @@ import difflib
 import io
 import json
 import statistics
+from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
-from .engine import train
-from .files import write_atomic
+from .data import load_split
+from .engine import train, training_config
+from .files import save_figure, write_atomic
 from .flops import count_macs, count_params
 from .model import create_model
 from .tables import format_table
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 __all__ = ["STUDIES", "PAPER_GMACS", "describe_study", "run_study", "summarize", "write_results"]
 
@@ -184,7 +190,7 @@ def run_study(study: str, config: dict[str, Any], seeds: int = 3, output_dir: st
             macs, _ = variant_macs_and_params(model_name, variant_args(model_args, overrides), summary["num_classes"])
             rows.append(dict(variant=variant, seed=seed, gmacs_224=macs / 1e9,
                              **{k: summary[k] for k in SUMMARY_FIELDS}))
-    write_results(study, rows, output_dir)
+    write_results(study, rows, output_dir, study_setting(config))
     return rows
 
 
@@ -218,35 +224,86 @@ def results_table(summary: list[dict[str, Any]]) -> str:
     return format_table(rows)
 
 
-def plot_results(study: str, summary: list[dict[str, Any]], rows: list[dict[str, Any]], path: Path) -> None:
-    """Top-1 per variant (mean, std and each seed) beside GMACs @224 per variant."""
+@dataclass(frozen=True)
+class StudySetting:
+    """What every run of a study shares, for its plot to name: the data, the model before the variants'
+    overrides, the resolution it trained at, and how many held-out images each top-1 is counted over."""
+
+    dataset: str
+    model: str
+    img_size: int
+    val_images: int
+
+
+def study_setting(config: dict[str, Any]) -> StudySetting:
+    """The setting of a study trained with `config`; counts the held-out split's images (loading it undecoded)."""
+    cfg = training_config(config)  # the recipe completed as `train` completes it
+    val_set, _ = load_split(cfg["data"], train=False, transform=None)
+    overrides = ", ".join(f"{k}={v}" for k, v in (cfg["model"]["args"] or {}).items())
+    model = f"{cfg['model']['name']} ({overrides})" if overrides else cfg["model"]["name"]
+    return StudySetting(cfg["data"]["dataset"], model, cfg["data"]["img_size"], len(val_set))
+
+
+def plot_results(study: str, summary: list[dict[str, Any]], rows: list[dict[str, Any]], setting: StudySetting,
+                 path: Path) -> Figure:
+    """Top-1 per variant (mean, std and each seed) beside GMACs @224 per variant, titled with the study's
+    `setting`; returns the matplotlib Figure written to `path`."""
     from matplotlib.figure import Figure  # not pyplot: no global backend switch in the caller's process
+    from matplotlib.ticker import MultipleLocator
 
     names = [s["variant"] for s in summary]
     positions = range(len(names))
-    fig = Figure(figsize=(4 + 1.6 * len(names), 4))
+
+    def counted(values: set[int], noun: str) -> str:  # "20 epochs", "1 seed", "2/3 seeds" where runs differ
+        return f"{'/'.join(str(v) for v in sorted(values))} {noun}{'' if values == {1} else 's'}"
+
+    epochs, seeds = counted({r["epochs"] for r in rows}, "epoch"), counted({s["seeds"] for s in summary}, "seed")
+    fig = Figure(figsize=(4 + 1.8 * len(names), 4.6), layout="constrained")
     acc_ax, macs_ax = fig.subplots(1, 2)
-    acc_ax.errorbar(positions, [s["top1_mean"] for s in summary], yerr=[s["top1_std"] for s in summary], fmt="o",
-                    markersize=8, capsize=6, color="tab:blue", label="mean +/- std")
+    means, stds = [s["top1_mean"] for s in summary], [s["top1_std"] for s in summary]
+    acc_ax.errorbar(positions, means, yerr=stds, fmt="o", markersize=8, capsize=6, color="tab:blue",
+                    label="mean +/- std")
     for i, name in enumerate(names):
-        seeds = [r["top1"] for r in rows if r["variant"] == name]
-        acc_ax.scatter([i + 0.12] * len(seeds), seeds, color="black", s=12, label="each seed" if i == 0 else None)
+        # One hollow marker per accuracy, with the number of seeds that reached it: seeds often tie, as top-1
+        # moves in steps of one image, and markers drawn over each other would hide all but one.
+        counts = Counter(r["top1"] for r in rows if r["variant"] == name)
+        acc_ax.scatter([i + 0.15] * len(counts), list(counts), s=30, facecolors="none", edgecolors="black",
+                       label="each seed (xN: N seeds alike)" if i == 0 else None)
+        for top1, count in counts.items():
+            if count > 1:
+                acc_ax.annotate(f"x{count}", (i + 0.15, top1), xytext=(6, 0), textcoords="offset points",
+                                va="center", fontsize=8)
+    # The y-range is whatever the results span, so the figure says what a difference is worth: one held-out image,
+    # and a dotted line at every reachable accuracy (multiples of one image) while they are few enough to see.
+    one_image = 100 / setting.val_images
+    low = min(min(r["top1"] for r in rows), *(m - s for m, s in zip(means, stds)))
+    high = max(max(r["top1"] for r in rows), *(m + s for m, s in zip(means, stds)))
+    margin = max(one_image, 0.05 * (high - low))  # room for the outermost markers
+    low, high = low - margin, high + margin
+    acc_ax.set_ylim(low, high)
+    if (high - low) / one_image <= 40:
+        acc_ax.yaxis.set_minor_locator(MultipleLocator(one_image))
+        acc_ax.grid(axis="y", which="minor", linestyle=":", alpha=0.7)
+    else:
+        acc_ax.grid(axis="y", alpha=0.3)
     acc_ax.set_xlim(-0.5, len(names) - 0.5)
-    acc_ax.grid(axis="y", alpha=0.3)
     acc_ax.legend(loc="best", fontsize="small")
-    acc_ax.set_ylabel("held-out top-1 (%)")
-    macs_ax.bar(positions, [s["gmacs_224"] for s in summary], color="tab:orange", alpha=0.7)
-    macs_ax.set_ylabel("GMACs @224")
+    acc_ax.set(xlabel="variant", ylabel="held-out top-1 (%)",
+               title=f"accuracy: 1 image = {one_image:.2g} pt ({setting.val_images:,} held-out images)")
+    bars = macs_ax.bar(positions, [s["gmacs_224"] for s in summary], color="tab:orange", alpha=0.7)
+    macs_ax.bar_label(bars, fmt="%.3f", fontsize=8)
+    macs_ax.set(xlabel="variant", ylabel=f"GMACs per {MACS_IMG_SIZE}x{MACS_IMG_SIZE} image",
+                title=f"cost: the variants of the model above\nat {MACS_IMG_SIZE}x{MACS_IMG_SIZE} "
+                      f"(trained at {setting.img_size}x{setting.img_size})")
     for ax in (acc_ax, macs_ax):
+        ax.title.set_fontsize(9)
         ax.set_xticks(list(positions), names, rotation=20)
-    fig.suptitle(f"ablation: {study}")
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=110)
-    write_atomic(path, buffer.getvalue())
+    fig.suptitle(f"{study} ablation on {setting.dataset}, {epochs}, {seeds}\n{setting.model}", fontsize=10)
+    save_figure(fig, path, dpi=110)
+    return fig
 
 
-def write_results(study: str, rows: list[dict[str, Any]], output_dir: str | Path) -> None:
+def write_results(study: str, rows: list[dict[str, Any]], output_dir: str | Path, setting: StudySetting) -> None:
     """`results.csv` (every run), `results.md` (the table) and `results.png` (the plot) in `output_dir`."""
     output_dir = Path(output_dir)
     summary = summarize(rows)
@@ -256,4 +313,4 @@ def write_results(study: str, rows: list[dict[str, Any]], output_dir: str | Path
     writer.writerows(rows)
     write_atomic(output_dir / "results.csv", text.getvalue())
     write_atomic(output_dir / "results.md", f"# ablation: {study}\n\n{results_table(summary)}\n")
-    plot_results(study, summary, rows, output_dir / "results.png")
+    plot_results(study, summary, rows, setting, output_dir / "results.png")

@@ -48,6 +48,9 @@ from .flops import count_params
 from .model import ZOO, create_model, load_model, unknown_model_error
 from .weights import TRAINING_FORMAT, load_checkpoint, read_torch_file
 
+if typing.TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
 # Every key a recipe may set. The values are the built-in default run (`cvt train` with no config, `make demo`;
 # configs/digits.yaml spells it out): a small CvT on scikit-learn's 8 x 8 digits upsampled to 32 x 32, in about
 # two minutes on a 2-core CPU. Every recipe in configs/ is laid over them, directly or through its `base` recipes.
@@ -519,7 +522,7 @@ def write_metrics(rows: list[dict[str, Any]], output_dir: Path) -> None:
     write_atomic(output_dir / "metrics.csv", text.getvalue())
 
 
-def plot_curves(rows: list[dict[str, Any]], path: Path, title: str) -> matplotlib.figure.Figure:
+def plot_curves(rows: list[dict[str, Any]], path: Path, title: str) -> Figure:
     """Loss (training and held-out) and held-out top-1 per epoch under `title` (the run and its model); returns
     the matplotlib Figure written to `path`."""
     from matplotlib.figure import Figure  # not pyplot: no global backend switch in the caller's process

@@ -10,9 +10,13 @@ traced graph computes every shape from the input, so it too runs at any batch si
 
 A model from `cvt.optimize_for_inference` exports too (its compiled wrapper is looked through), though the
 plain model is the one to export: ONNX Runtime folds BatchNorm into the convolutions by itself.
+
+An ONNX file carries what a runtime needs besides the graph as its `metadata_props` (`onnx_metadata`): the label
+names and the preprocessing the model was trained or evaluated with (input size, crop, interpolation, mean, std).
 """
 from __future__ import annotations
 
+import json
 import os
 import warnings
 from dataclasses import dataclass
@@ -24,8 +28,9 @@ import torch.nn as nn
 
 from .accel import reference_module
 from .files import atomic_path
+from .weights import label_names
 
-__all__ = ["FORMATS", "ExportCheck", "check_sizes", "export_model"]
+__all__ = ["FORMATS", "ExportCheck", "check_sizes", "export_model", "onnx_metadata"]
 
 FORMATS = ("onnx", "torchscript")
 CHECK_BATCH_SIZES = (1, 2)
@@ -53,6 +58,23 @@ def check_sizes(model: nn.Module) -> list[tuple[int, int]]:
     return [(h, w), (h + 32, max(w - 32, model.min_input_size))]
 
 
+def onnx_metadata(model: nn.Module) -> dict[str, str]:
+    """The ONNX `metadata_props` of an export, all strings (lists as JSON): `label_names` (where the model has
+    them, `cvt.weights.label_names`), `num_classes`, and the preprocessing of
+    `timm.data.resolve_model_data_config(model)`: `input_size` (C, H, W), `crop_pct`, `crop_mode`,
+    `interpolation`, `mean` and `std` (of RGB pixels scaled to 0..1)."""
+    from timm.data import resolve_model_data_config
+
+    cfg = resolve_model_data_config(model)
+    props = {"num_classes": str(model.num_classes), "input_size": json.dumps(list(cfg["input_size"])),
+             "crop_pct": str(cfg["crop_pct"]), "crop_mode": cfg["crop_mode"], "interpolation": cfg["interpolation"],
+             "mean": json.dumps(list(cfg["mean"])), "std": json.dumps(list(cfg["std"]))}
+    names = label_names(model)
+    if names:
+        props["label_names"] = json.dumps(names)
+    return props
+
+
 def _export_onnx(model: nn.Module, example: torch.Tensor, path: str) -> None:
     batch = torch.export.Dim("batch")
     height = torch.export.Dim("height", min=model.min_input_size)
@@ -61,6 +83,7 @@ def _export_onnx(model: nn.Module, example: torch.Tensor, path: str) -> None:
         model, (example,), dynamo=True, verbose=False, input_names=["images"], output_names=["logits"],
         dynamic_shapes={"x": {0: batch, 2: height, 3: width}},
     )
+    program.model.metadata_props.update(onnx_metadata(model))
     # One self-contained file (every CvT is far below protobuf's 2 GB limit), so it can be moved into place whole.
     program.save(path, external_data=False)
 

@@ -15,11 +15,11 @@ import torch.nn as nn
 from .files import atomic_directory
 from .model import CvT, _per_stage, model_from_checkpoint
 from .weights import (
-    _HF_CONFIG_NAMES, Checkpoint, _cvt_kwargs_from_hf_config, _label_cfg, official_names, _rename, label_names,
-    load_checkpoint,
+    _HF_CONFIG_NAMES, PIL_RESAMPLE, Checkpoint, _cvt_kwargs_from_hf_config, _label_cfg, official_names, _rename,
+    label_names, load_checkpoint,
 )
 
-__all__ = ["HF_NUMERICS", "hf_config", "to_hf", "from_hf", "save_hf"]
+__all__ = ["HF_NUMERICS", "hf_config", "to_hf", "from_hf", "save_hf", "image_processor"]
 
 # What makes our model compute exactly what transformers' CvT computes (see the module docstring).
 HF_NUMERICS = {"act_layer": "gelu"}
@@ -71,10 +71,32 @@ def to_hf(model: CvT):
 
 
 def save_hf(model: CvT, directory: str | os.PathLike) -> None:
-    """A directory `transformers.CvtForImageClassification.from_pretrained` loads, written atomically."""
+    """A directory `transformers.CvtForImageClassification.from_pretrained` loads, written atomically, with the
+    model's preprocessing (`image_processor`) beside it, as the Hub's microsoft/cvt-* repos have it."""
     hf_model = to_hf(model)
+    processor = image_processor(model)
     with atomic_directory(directory) as tmp:
         hf_model.save_pretrained(tmp)
+        if processor is not None:
+            processor.save_pretrained(tmp)
+
+
+def image_processor(model: CvT):
+    """transformers' `ConvNextImageProcessor` (what the Hub's CvT repos use) for the model's preprocessing
+    (`timm.data.resolve_model_data_config`), which `cvt.weights` reads back: the input size, crop_pct, resampling,
+    mean and std. None for a non-square input size, which it cannot hold. It squashes from 384 px on and below that
+    resizes the short side to size / crop_pct and centre-crops; a model that squashes below 384 gets crop_pct 1,
+    which gives the same image for a square picture."""
+    from timm.data import resolve_model_data_config
+    from transformers import ConvNextImageProcessor
+
+    cfg = resolve_model_data_config(model)
+    _, h, w = cfg["input_size"]
+    if h != w:
+        return None
+    resample = {name: code for code, name in PIL_RESAMPLE.items()}.get(cfg["interpolation"], 3)
+    return ConvNextImageProcessor(size={"shortest_edge": h}, crop_pct=cfg["crop_pct"], resample=resample,
+                                  image_mean=list(cfg["mean"]), image_std=list(cfg["std"]))
 
 
 def from_hf(source: Any, hf_numerics: bool = False, **overrides: Any) -> CvT:

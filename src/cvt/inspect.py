@@ -23,11 +23,11 @@ is all that the maps and the rollout's last step read.
 from __future__ import annotations
 
 import os
+import textwrap
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
-from pathlib import Path
-from typing import Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
 import torch
 import torch.nn as nn
@@ -35,9 +35,12 @@ import torch.nn.functional as F
 from torch.nn.modules.utils import _pair
 
 from .accel import reference_module
-from .files import atomic_path
+from .files import save_figure
 from .flops import macs_by_module
 from .model import IMAGENET_MEAN, IMAGENET_STD, Attention, CvT
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 __all__ = ["AttentionMaps", "StageProfile", "attention_maps", "draw_attention", "key_footprint", "load_image",
            "profile_stages", "watch_attention"]
@@ -177,46 +180,77 @@ def attention_maps(model: CvT, images: torch.Tensor) -> AttentionMaps:
 def load_image(path: str | os.PathLike, model: CvT, size: tuple[int, int] | None = None):
     """An image file resized (no crop, so all of it is seen) to `size` (default: the model's native), as the
     picture to draw on and the normalised (1, 3, H, W) batch the model takes."""
-    from PIL import Image
     from torchvision.transforms import v2 as T
 
+    from .data import read_image
+
     h, w = size or model.img_size
-    picture = T.Resize((h, w), interpolation=T.InterpolationMode.BICUBIC)(Image.open(path).convert("RGB"))
+    picture = T.Resize((h, w), interpolation=T.InterpolationMode.BICUBIC)(read_image(path))
     to_input = T.Compose([T.PILToTensor(), T.ToDtype(torch.float32, scale=True),
                           T.Normalize(model.pretrained_cfg.get("mean", IMAGENET_MEAN),
                                       model.pretrained_cfg.get("std", IMAGENET_STD))])
     return picture, to_input(picture).unsqueeze(0)
 
 
-def draw_attention(picture, maps: AttentionMaps, path: str | os.PathLike, title: str = "") -> None:
+def draw_attention(picture, maps: AttentionMaps, path: str | os.PathLike, title: str = "",
+                   prediction: tuple[str, float] | None = None) -> Figure:
     """Draw the maps of the first image in `maps` over `picture` (the model's input, as a PIL image or an
-    H x W x 3 array): the head-averaged and per-head class-token attention of the last block, and the rollout."""
+    H x W x 3 array): the head-averaged and per-head class-token attention of the last block, and the rollout,
+    each with a colour bar of its weights. `prediction`, the model's top-1 (label, probability), is written under
+    `title`. Returns the matplotlib Figure written to `path`."""
     from matplotlib.figure import Figure  # not pyplot: no global backend switch in the caller's process
+    from matplotlib.ticker import MaxNLocator
 
-    heads = maps.head_maps()[0]
-    panels = [("input", None), ("last block, mean of heads", maps.mean_map()[0]),
-              ("rollout over the last stage", maps.rollout_map()[0])]
-    panels += [(f"last block, head {i}", m) for i, m in enumerate(heads)]
-    cols = min(len(panels), 5)
+    panels = [("input", None), ("mean of heads", maps.mean_map()[0]), ("rollout", maps.rollout_map()[0])]
+    panels += [(f"head {i}", m) for i, m in enumerate(maps.head_maps()[0])]
+    # 5, 4 or 3 columns, whichever leaves the fewest cells empty (the most columns of those).
+    cols = min((5, 4, 3), key=lambda c: -len(panels) % c)
     rows = -(-len(panels) // cols)
-    fig = Figure(figsize=(3 * cols, 3 * rows + 0.4))
-    axes = fig.subplots(rows, cols, squeeze=False)
     height, width = (picture.height, picture.width) if hasattr(picture, "height") else picture.shape[:2]
-    for ax, (label, attention) in zip(axes.flat, panels):
+    lines = [title] if title else []
+    if prediction is not None:
+        lines.append(f"predicted: {prediction[0]} ({prediction[1]:.1%})")
+    lines.append("class-token attention weights: the last block's heads and their mean; rollout over the last stage")
+    # A grid of cells placed by hand (in inches), each a panel of the picture's shape (longer side 2.4 in; up to
+    # 2:1, past which a panel is too narrow for its title) with its title above and its colour bar beside it: a
+    # non-square input fills its panel instead of floating in a square one, nothing overlaps, cells past the last
+    # panel are not drawn, and no layout engine has to work this out at every save.
+    aspect = min(max(width / height, 0.5), 2.0)
+    panel_w, panel_h = 2.4 * min(aspect, 1.0), 2.4 / max(aspect, 1.0)
+    cell_w, cell_h = panel_w + 0.9, panel_h + 0.35
+    fig_w = cols * cell_w
+    heading = "\n".join(textwrap.fill(line, width=int(14 * fig_w)) for line in lines)
+    heading_h = 0.2 * (heading.count("\n") + 1) + 0.2
+    fig_h = rows * cell_h + heading_h
+    fig = Figure(figsize=(fig_w, fig_h))
+    fig.suptitle(heading, fontsize=10, y=1 - 0.1 / fig_h, va="top")
+
+    def box(left: float, bottom: float, box_w: float, box_h: float) -> tuple[float, ...]:
+        return left / fig_w, bottom / fig_h, box_w / fig_w, box_h / fig_h
+
+    for k, (label, attention) in enumerate(panels):
+        row, col = divmod(k, cols)
+        left, bottom = col * cell_w + 0.1, fig_h - heading_h - (row + 1) * cell_h + 0.05
+        ax = fig.add_axes(box(left, bottom, panel_w, panel_h))
         ax.imshow(picture)
         if attention is not None:
-            # Each map stretched over the whole image: the extent maps the coarse grid onto the pixels.
-            ax.imshow(attention.float().cpu().numpy(), cmap="inferno", alpha=0.6, interpolation="bilinear",
-                      extent=(0, width, height, 0))
+            weights = attention.float().cpu().numpy()
+            # A colour range of at least 0.1% of the weights: a map that is uniform but for float rounding (as
+            # over a single key) is drawn flat, not as magnified noise.
+            centre = (weights.max() + weights.min()) / 2
+            half_range = max((weights.max() - weights.min()) / 2, 5e-4 * weights.max())
+            # Each map stretched over the whole image: the extent maps the coarse grid onto the pixels' edges.
+            overlay = ax.imshow(weights, cmap="inferno", alpha=0.6, interpolation="bilinear",
+                                vmin=centre - half_range, vmax=centre + half_range,
+                                extent=(-0.5, width - 0.5, height - 0.5, -0.5))
+            bar = fig.colorbar(overlay, cax=fig.add_axes(box(left + panel_w + 0.08, bottom, 0.12, panel_h)))
+            bar.locator = MaxNLocator(nbins=4)  # few ticks: the bar is as tall as a small panel
+            bar.formatter.set_useOffset(False)  # the weights themselves, not an offset printed above the bar
+            bar.ax.tick_params(labelsize=7)
         ax.set_title(label, fontsize=9)
-    for ax in axes.flat:
-        ax.axis("off")
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=100, format=path.suffix.lstrip(".") or "png")
+        ax.set_axis_off()
+    save_figure(fig, path, dpi=100)
+    return fig
 
 
 @dataclass

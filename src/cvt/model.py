@@ -20,11 +20,12 @@ import fnmatch
 import functools
 import inspect
 import math
+import numbers
 import os
 import warnings
 from collections import OrderedDict
 from contextlib import nullcontext
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -36,8 +37,9 @@ from torch.utils.checkpoint import checkpoint
 
 from .weights import Checkpoint, load_checkpoint, official_names, save_pretrained
 
-__all__ = ["CvT", "create_model", "list_models", "list_pretrained", "model_from_checkpoint", "load_state_dict",
-           "load_weights", "describe_state_dict", "cvt_kwargs_from_official_spec", "ZOO", "PRETRAINED", "QuickGELU"]
+__all__ = ["CvT", "create_model", "list_models", "list_pretrained", "model_from_checkpoint", "load_model",
+           "load_state_dict", "load_weights", "describe_state_dict", "cvt_kwargs_from_official_spec", "ZOO",
+           "PRETRAINED", "QuickGELU"]
 
 NUM_STAGES = 3
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -93,9 +95,7 @@ def build_projection(method: str, dim: int, kernel_size: int, stride: int, paddi
         return Projection(OrderedDict([
             ("avg", nn.AvgPool2d(kernel_size, stride=stride, padding=padding, ceil_mode=True)),
         ]))
-    if method == "linear":
-        return Projection()
-    raise ValueError(f"unknown projection method {method!r}: choose one of {PROJ_METHODS}")
+    return Projection()  # "linear" (check_args refuses any other method)
 
 
 class Attention(nn.Module):
@@ -121,8 +121,6 @@ class Attention(nn.Module):
         with_cls_token: bool = False,
     ):
         super().__init__()
-        if dim % num_heads:
-            raise ValueError(f"width {dim} is not divisible by {num_heads} heads")
         self.num_heads = num_heads
         self.scale = dim ** -0.5
         self.with_cls_token = with_cls_token
@@ -276,6 +274,23 @@ def _conv_out(size: int, kernel: int, stride: int, padding: int) -> int:
     return (size + 2 * padding - kernel) // stride + 1
 
 
+def embed_geometry(patch_sizes: Any, patch_strides: Any, patch_paddings: Any,
+                   token_embed: str) -> tuple[tuple[int, int, int], ...]:
+    """(kernel, stride, padding) of each stage's token embedding; a "patch" embedding's kernel is its stride."""
+    strides = _per_stage(patch_strides, "patch_strides")
+    if token_embed == "patch":
+        return tuple((s, s, 0) for s in strides)
+    return tuple(zip(_per_stage(patch_sizes, "patch_sizes"), strides, _per_stage(patch_paddings, "patch_paddings")))
+
+
+def min_input_size(geometry: Sequence[tuple[int, int, int]]) -> int:
+    """The smallest input side that leaves every stage a token: each embedding's conv inverted, last stage first."""
+    size = 1
+    for kernel, stride, padding in reversed(geometry):
+        size = max(1, (size - 1) * stride + kernel - 2 * padding)
+    return size
+
+
 def takes_device_and_dtype(init):
     """timm's factory arguments for a model's `__init__`: its parameters and buffers are made on `device` (the meta
     device included) and in `dtype`."""
@@ -289,6 +304,93 @@ def takes_device_and_dtype(init):
             self.to(dtype)
 
     return wrapped
+
+
+# Far beyond any CvT (the released ones are at most 1024 wide, with 20 blocks in a stage, at 384 x 384): only a
+# corrupt or hostile config reaches them, and it is refused before anything is allocated.
+MAX_WIDTH, MAX_DEPTH, MAX_IMG_SIZE, MAX_KERNEL = 8192, 256, 4096, 32
+MAX_IN_CHANS, MAX_CLASSES, MAX_MLP_RATIO = 1024, 1_000_000, 16
+
+Rule = tuple[Callable[[Any], bool], str]  # a test of one value, and what passes it
+
+
+def _whole(low: int, high: int) -> Rule:
+    return (lambda v: isinstance(v, numbers.Integral) and not isinstance(v, bool) and low <= v <= high,
+            f"whole numbers from {low} to {high}")
+
+
+def _real(low: float, high: float) -> Rule:
+    return (lambda v: isinstance(v, numbers.Real) and not isinstance(v, bool) and low <= v <= high,
+            f"numbers from {low} to {high}")
+
+
+def _one_of(*choices: str | None) -> Rule:
+    return (lambda v: (v is None or isinstance(v, str)) and v in choices), f"one of {', '.join(map(repr, choices))}"
+
+
+def _or_none(rule: Rule) -> Rule:
+    return (lambda v: v is None or rule[0](v)), f"None or {rule[1]}"
+
+
+_FLAG: Rule = (lambda v: isinstance(v, bool)), "true or false"
+# Every CvT argument's rule, for each of its values: per stage for those of PER_STAGE_ARGS, per side for img_size.
+ARG_RULES: dict[str, Rule] = {
+    "in_chans": _whole(1, MAX_IN_CHANS), "num_classes": _whole(0, MAX_CLASSES),
+    "global_pool": _one_of(None, "token", "avg"), "embed_dims": _whole(1, MAX_WIDTH),
+    "depths": _whole(1, MAX_DEPTH), "num_heads": _whole(1, MAX_WIDTH), "patch_sizes": _whole(1, MAX_KERNEL),
+    "patch_strides": _whole(1, MAX_KERNEL), "patch_paddings": _whole(0, MAX_KERNEL),
+    "token_embed": _one_of(*TOKEN_EMBEDS), "mlp_ratio": _real(0, MAX_MLP_RATIO), "qkv_bias": _FLAG,
+    "drop_rate": _real(0, 1), "attn_drop_rate": _real(0, 1), "drop_path_rate": _real(0, 1), "cls_token": _FLAG,
+    "proj_method": _one_of(*PROJ_METHODS), "kernel_qkv": _whole(1, MAX_KERNEL), "stride_q": _whole(1, MAX_KERNEL),
+    "padding_q": _whole(0, MAX_KERNEL), "stride_kv": _whole(1, MAX_KERNEL), "padding_kv": _whole(0, MAX_KERNEL),
+    "pos_embed": _FLAG, "img_size": _whole(1, MAX_IMG_SIZE), "act_layer": _one_of(*ACT_LAYERS),
+    "norm_eps": _real(0, 1), "head_norm_eps": _or_none(_real(0, 1)),
+}
+PER_STAGE_ARGS = ("embed_dims", "depths", "num_heads", "patch_sizes", "patch_strides", "patch_paddings", "mlp_ratio",
+                  "qkv_bias", "drop_rate", "attn_drop_rate", "drop_path_rate", "cls_token", "proj_method",
+                  "kernel_qkv", "stride_q", "padding_q", "stride_kv", "padding_kv", "pos_embed")
+
+
+def check_args(args: dict[str, Any], weights: dict[str, torch.Tensor] | None = None) -> None:
+    """Refuse CvT arguments that build no model, or one far too big to be meant, before anything is allocated; with
+    the `weights` they come with, also widths and depths other than the weights'. `CvT.__init__` calls it, and so
+    does every reader of a model's config (`cvt.weights`); an argument left out takes CvT's default."""
+    defaults = {k: p.default for k, p in inspect.signature(CvT).parameters.items()}
+    unknown = sorted(set(args) - set(defaults))
+    if unknown:
+        raise ValueError(f"unknown CvT arguments {unknown}; it takes {', '.join(defaults)}")
+    args = {**defaults, **args}
+    for name, (test, takes) in ARG_RULES.items():
+        value = args[name]
+        if name in PER_STAGE_ARGS:
+            values, each = _per_stage(value, name), " (one, or one per stage)"
+        elif name == "img_size":
+            pair = isinstance(value, (list, tuple)) and len(value) == 2
+            values, each = (value if pair else (value,)), " (one, or height and width)"
+        else:
+            values, each = (value,), ""
+        if not all(test(v) for v in values):
+            raise ValueError(f"{name} takes {takes}{each}, got {value!r}")
+    dims, depths, heads, cls_token = (_per_stage(args[n], n) for n in ("embed_dims", "depths", "num_heads",
+                                                                         "cls_token"))
+    if any(dim % h for dim, h in zip(dims, heads)):
+        raise ValueError(f"embed_dims {list(dims)} are not divisible by num_heads {list(heads)}: every head of a "
+                         "stage takes an equal share of its width")
+    if args["global_pool"] == "token" and not cls_token[-1]:
+        raise ValueError("global_pool 'token' needs a class token in the last stage (cls_token[-1]); or use 'avg'")
+    smallest = min_input_size(embed_geometry(args["patch_sizes"], args["patch_strides"], args["patch_paddings"],
+                                             args["token_embed"]))
+    img_size = args["img_size"]
+    if min(img_size if isinstance(img_size, (list, tuple)) else (img_size,)) < smallest:
+        raise ValueError(f"img_size {img_size!r} leaves the last stage no tokens: these token embeddings take inputs "
+                         f"of at least {smallest}x{smallest}")
+    if weights is not None:
+        theirs = stage_shapes(weights)
+        ours = {i: (dims[i], depths[i]) for i in theirs}
+        if ours != theirs:
+            raise ValueError(f"embed_dims {[w for w, _ in ours.values()]} and depths {[d for _, d in ours.values()]} "
+                             f"are not those of its weights, {[w for w, _ in theirs.values()]} and "
+                             f"{[d for _, d in theirs.values()]}")
 
 
 class CvT(nn.Module):
@@ -354,17 +456,10 @@ class CvT(nn.Module):
         # Plain data describing the architecture: what save_pretrained writes and create_model reads back.
         self.config = {k: list(v) if isinstance(v, tuple) else v for k, v in locals().items()
                        if k not in ("self", "__class__")}
-        if act_layer not in ACT_LAYERS:
-            raise ValueError(f"unknown act_layer {act_layer!r}: choose one of {sorted(ACT_LAYERS)}")
-        if token_embed not in TOKEN_EMBEDS:
-            raise ValueError(f"unknown token_embed {token_embed!r}: choose one of {TOKEN_EMBEDS}")
+        check_args(self.config)
         embed_dims, depths, num_heads = (_per_stage(v, n) for v, n in
                                          ((embed_dims, "embed_dims"), (depths, "depths"), (num_heads, "num_heads")))
-        patch_strides = _per_stage(patch_strides, "patch_strides")
-        if token_embed == "patch":
-            patch_sizes, patch_paddings = patch_strides, (0,) * NUM_STAGES
-        self.embed_geometry = tuple(zip(_per_stage(patch_sizes, "patch_sizes"), patch_strides,
-                                        _per_stage(patch_paddings, "patch_paddings")))
+        self.embed_geometry = embed_geometry(patch_sizes, patch_strides, patch_paddings, token_embed)
         self.img_size = tuple(img_size) if isinstance(img_size, (list, tuple)) else (img_size, img_size)
         cls_token = _per_stage(cls_token, "cls_token")
         pos_embed = _per_stage(pos_embed, "pos_embed")
@@ -373,8 +468,6 @@ class CvT(nn.Module):
         self.num_features = self.head_hidden_size = embed_dims[-1]
         self.num_prefix_tokens = int(cls_token[-1])
         self.global_pool = global_pool or ("token" if cls_token[-1] else "avg")
-        if self.global_pool not in ("token", "avg") or (self.global_pool == "token" and not cls_token[-1]):
-            raise ValueError(f"global_pool {global_pool!r} needs 'avg', or 'token' with a class token in the last stage")
 
         grids = self.feature_sizes(*self.img_size)
         per_stage = {name: _per_stage(value, name) for name, value in (
@@ -405,7 +498,7 @@ class CvT(nn.Module):
                  module=f"stage{i}")
             for i in range(NUM_STAGES)
         ]
-        self.min_input_size = next(n for n in range(1, 1025) if min(self.feature_sizes(n, n)[-1]) >= 1)
+        self.min_input_size = min_input_size(self.embed_geometry)
         self.pretrained_cfg = {}
         self.init_weights()
 
@@ -584,12 +677,19 @@ ARCHITECTURES: dict[str, dict[str, Any]] = {
 IN1K, IN22K_FT_IN1K = "ImageNet-1k", "ImageNet-22k, fine-tuned on ImageNet-1k at 384"
 
 
+def eval_data_cfg(img_size: int | Sequence[int], in_chans: int = 3) -> dict[str, Any]:
+    """The paper's eval preprocessing at a resolution, in timm's pretrained_cfg fields (`input_size`, `crop_pct`,
+    `crop_mode`, `interpolation`, `mean`, `std`): at 224 resize the short side to 256 and centre-crop; at 384 (and
+    any other size) squash, no crop. What a model whose weights say nothing about their preprocessing runs with."""
+    h, w = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
+    crop_pct, crop_mode = (0.875, "center") if (h, w) == (224, 224) else (1.0, "squash")
+    return dict(input_size=(in_chans, h, w), crop_pct=crop_pct, crop_mode=crop_mode, interpolation="bicubic",
+                mean=IMAGENET_MEAN, std=IMAGENET_STD)
+
+
 def _pretrained_cfg(hf_hub_id: str, img_size: int, paper_top1: float, pretraining: str) -> dict[str, Any]:
-    # The paper's eval transforms: at 224 resize the short side to 256 and centre-crop; at 384 squash, no crop.
-    crop_pct, crop_mode = (0.875, "center") if img_size == 224 else (1.0, "squash")
     return dict(
-        hf_hub_id=hf_hub_id, input_size=(3, img_size, img_size), crop_pct=crop_pct, crop_mode=crop_mode,
-        interpolation="bicubic", mean=IMAGENET_MEAN, std=IMAGENET_STD, num_classes=1000,
+        hf_hub_id=hf_hub_id, **eval_data_cfg(img_size), num_classes=1000,
         first_conv="stage0.patch_embed.proj", classifier="head", license="mit", paper_ids="arXiv:2103.15808",
         paper_name="CvT: Introducing Convolutions to Vision Transformers", origin_url="https://github.com/microsoft/CvT",
         notes=(f"paper top-1 {paper_top1}", f"pre-training: {pretraining}"), paper_top1=paper_top1,
@@ -673,6 +773,9 @@ def _build(name: str, pretrained: bool, **kwargs: Any) -> nn.Module:
             f"instead: cvt.create_model({variant!r}, pretrained=PATH)") from None
     net = model.model if isinstance(model, FeatureGetterNet) else model
     net.model_name = variant
+    # timm keeps the zoo cfg's input size; a model built at another size (or channel count) is run at its own.
+    if tuple(net.pretrained_cfg.get("input_size", ())) != (net.in_chans, *net.img_size):
+        net.pretrained_cfg = net.default_cfg = dict(net.pretrained_cfg, input_size=(net.in_chans, *net.img_size))
     return model
 
 
@@ -710,10 +813,10 @@ def create_model(
     checkpoint = load_checkpoint(pretrained)
     _check_model_name(checkpoint, variant)
     wanted_classes = checkpoint.num_classes if num_classes is None else num_classes
-    model = CvT(num_classes=wanted_classes, **dict(arch, **checkpoint.model_args, **overrides))
+    model = CvT(num_classes=wanted_classes, **{**arch, **checkpoint.model_args, **overrides})
     load_state_dict(model, checkpoint.state_dict, checkpoint.source)
-    meta = dict(meta, **checkpoint.pretrained_cfg)  # e.g. the label names of a fine-tuned model
-    model.pretrained_cfg = model.default_cfg = dict(meta, architecture=variant, input_size=(3, *model.img_size))
+    model.pretrained_cfg = model.default_cfg = dict(_loaded_cfg(meta, model, checkpoint, overrides),
+                                                    architecture=variant)
     model.model_name = variant
     if features_only:
         return FeatureGetterNet(model, out_indices=list(out_indices))
@@ -815,8 +918,42 @@ def model_from_checkpoint(source: str | os.PathLike | Checkpoint, model_name: st
     model = CvT(num_classes=checkpoint.num_classes if num_classes is None else num_classes,
                 **dict(checkpoint.model_args, **overrides))
     load_state_dict(model, checkpoint.state_dict, checkpoint.source)
-    model.pretrained_cfg = dict(checkpoint.pretrained_cfg)
+    base = dict(eval_data_cfg(model.img_size, model.in_chans), num_classes=model.num_classes)
+    model.pretrained_cfg = model.default_cfg = _loaded_cfg(base, model, checkpoint, overrides)
     return model
+
+
+def _loaded_cfg(base: dict[str, Any], model: CvT, checkpoint: Checkpoint, overrides: dict[str, Any]) -> dict[str, Any]:
+    """The pretrained_cfg of a model built from a checkpoint: `base` (its zoo cfg, or the paper's preprocessing at
+    its size), the model's own input size, and over them what the checkpoint says (label names, and the
+    preprocessing it was trained or evaluated with: input size, crop, ...). An `img_size` or `in_chans` the caller
+    overrides builds another model, which runs at its own size."""
+    saved = dict(checkpoint.pretrained_cfg)
+    if "img_size" in overrides or "in_chans" in overrides:
+        saved.pop("input_size", None)
+    cfg = {**base, "input_size": (model.in_chans, *model.img_size), **saved}
+    cfg["input_size"] = tuple(cfg["input_size"])  # a list after a trip through JSON
+    return cfg
+
+
+def load_model(checkpoint: str | os.PathLike | Checkpoint | None = None, model_name: str | None = None, *,
+               random_weights: bool = False, num_classes: int | None = None, **overrides: Any) -> CvT:
+    """The model that a command's weights arguments name, its preprocessing in `pretrained_cfg` (which
+    `timm.data.resolve_model_data_config` reads): every command that takes weights loads them through this.
+
+    `checkpoint`: any file or folder `create_model(..., pretrained=PATH)` reads, built as `model_from_checkpoint`
+    builds it (`model_name` needed only for a bare state dict). Without one, the released weights of `model_name`
+    (`name` or `name.tag`) downloaded from the Hugging Face Hub, or with `random_weights` none at all.
+    `num_classes` and `overrides` as `create_model` takes them."""
+    if checkpoint is not None:
+        return model_from_checkpoint(checkpoint, model_name, num_classes=num_classes, **overrides)
+    if model_name is None and random_weights:
+        raise ValueError("no weights and no model: give local weights (--checkpoint PATH) or the model to build "
+                         "with random weights (--model NAME, see cvt.list_models())")
+    if model_name is None:
+        raise ValueError("no weights to classify with: name the released ones to download (--model NAME or "
+                         "NAME.TAG, see cvt.list_pretrained()) or give local ones (--checkpoint PATH)")
+    return create_model(model_name, num_classes=num_classes, pretrained=not random_weights, **overrides)
 
 
 _OFFICIAL_SPEC_NAMES = {
@@ -861,17 +998,20 @@ def _zoo_matches(arch: dict[str, Any]) -> list[str]:
             if keys and all(list(zoo_arch[k]) == list(arch[k]) for k in keys)]
 
 
+def stage_shapes(state_dict: dict[str, torch.Tensor]) -> dict[int, tuple[int, int]]:
+    """Stage -> (width, depth) for each stage whose token embedding a state dict holds, read off its shapes."""
+    return {i: (state_dict[f"stage{i}.patch_embed.proj.weight"].shape[0],
+                len({k.split(".")[2] for k in state_dict if k.startswith(f"stage{i}.blocks.")}))
+            for i in range(NUM_STAGES) if f"stage{i}.patch_embed.proj.weight" in state_dict}
+
+
 def describe_state_dict(state_dict: dict[str, torch.Tensor]) -> str:
     """What architecture a state dict looks like, read off its shapes."""
     if "stage0.patch_embed.proj.weight" not in state_dict:
         return (f"it is not a CvT checkpoint: it has no stage0.patch_embed.proj.weight "
                 f"(its first keys: {', '.join(list(state_dict)[:5])})")
-    arch = {
-        "embed_dims": [state_dict[f"stage{i}.patch_embed.proj.weight"].shape[0]
-                       for i in range(NUM_STAGES) if f"stage{i}.patch_embed.proj.weight" in state_dict],
-        "depths": [len({k.split(".")[2] for k in state_dict if k.startswith(f"stage{i}.blocks.")})
-                   for i in range(NUM_STAGES)],
-    }
+    stages = stage_shapes(state_dict).values()
+    arch = {"embed_dims": [width for width, _ in stages], "depths": [depth for _, depth in stages]}
     shapes = f"embed_dims {arch['embed_dims']}, depths {arch['depths']}"
     matches = _zoo_matches(arch)
     if matches:

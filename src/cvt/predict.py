@@ -10,12 +10,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from PIL import Image
 
-from .data import eval_transform
+from .data import UnreadableImageError, eval_transform, read_image
 from .engine import pick_device
 from .accel import optimize_for_inference
-from .model import CvT, create_model, model_from_checkpoint
+from .model import load_model
 from .weights import label_names
 
 
@@ -25,32 +24,32 @@ def predict(images: list[str | os.PathLike], checkpoint: str | os.PathLike | Non
     """For each image: its path and the `topk` (label, class index, probability) predictions, best first.
 
     The weights are `checkpoint`'s, or without one the released weights of `model_name` (`name` or `name.tag`),
-    downloaded from the Hugging Face Hub."""
-    model = classifier(checkpoint, model_name)
+    downloaded from the Hugging Face Hub (`cvt.model.load_model`). Images are prepared as the model's held-out
+    images were (`timm.data.resolve_model_data_config`: the input size and crop it was trained or evaluated at).
+    Fewer than `topk` predictions come back when the model has fewer classes."""
+    from timm.data import resolve_model_data_config
+
+    if isinstance(topk, bool) or not isinstance(topk, int) or topk < 1:
+        raise ValueError(f"topk (--topk) must be a whole number of at least 1, the predictions to show per image; "
+                         f"got {topk!r}")
+    model = load_model(checkpoint, model_name)
     device_ = pick_device(device)
     fast = optimize_for_inference(model.to(device_), compile=False)
     names = label_names(model) or [f"class {i}" for i in range(model.num_classes)]
-    transform = eval_transform({"img_size": model.pretrained_cfg["input_size"][-1]}, model.pretrained_cfg)
+    data_cfg = resolve_model_data_config(model)
+    _, h, w = data_cfg["input_size"]
+    transform = eval_transform({"img_size": h if h == w else (h, w)}, data_cfg)
     mode = "RGB" if model.in_chans == 3 else "L"
     results = []
     for path in images:
         path = Path(path)
         try:
-            image = Image.open(path).convert(mode)
-        except (OSError, SyntaxError) as e:
-            raise ValueError(f"cannot read {path} as an image ({e}): pass image files Pillow reads, "
-                             "such as JPEG or PNG") from None
+            image = read_image(path, mode)
+        except UnreadableImageError as e:
+            raise UnreadableImageError(f"cannot read {path} as an image ({e}): pass image files Pillow reads, "
+                                       "such as JPEG or PNG") from None
         probs = fast(transform(image).unsqueeze(0).to(device_)).softmax(dim=-1)[0].float().cpu()
         values, indices = probs.topk(min(topk, len(probs)))
         results.append({"image": str(path), "predictions": [
             {"label": names[i], "index": i, "probability": p} for p, i in zip(values.tolist(), indices.tolist())]})
     return results
-
-
-def classifier(checkpoint: str | os.PathLike | None, model_name: str | None) -> CvT:
-    if checkpoint is not None:
-        return model_from_checkpoint(checkpoint, model_name)
-    if model_name is None:
-        raise ValueError("no weights to classify with: name the released ones to download (--model NAME or "
-                         "NAME.TAG, see cvt.list_pretrained()) or give local ones (--checkpoint PATH)")
-    return create_model(model_name, pretrained=True)

@@ -30,7 +30,8 @@ from safetensors.torch import load_file, save_file
 
 from .files import atomic_directory, atomic_path
 
-__all__ = ["Checkpoint", "load_checkpoint", "save_pretrained", "save_safetensors", "label_names"]
+__all__ = ["Checkpoint", "UnreadableCheckpointError", "load_checkpoint", "save_pretrained", "save_safetensors",
+           "label_names"]
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -42,6 +43,15 @@ DEFAULT_ARCHITECTURE = "cvt_13_224"
 # timm's PretrainedCfg fields that say where weights come from.
 WEIGHT_SOURCE_FIELDS = ("url", "file", "state_dict", "hf_hub_id", "hf_hub_filename", "source")
 MAX_KEYS_SHOWN = 10
+# How a file torch.save wrote begins: a zip archive (PyTorch >= 1.6), or before that a pickle (protocol 2 and up).
+TORCH_ZIP_SIGNATURE, TORCH_PICKLE_SIGNATURE = b"PK\x03\x04", b"\x80"
+# What a `cvt train` checkpoint holds for the readers of weights (engine.TrainingState writes it).
+TRAINING_WEIGHT_KEYS = ("model", "model_args", "model_name", "pretrained_cfg")
+
+
+class UnreadableCheckpointError(ValueError):
+    """A weights file or model config that cannot be read, or describes no CvT its weights fit; the message names
+    the file and what to do."""
 
 
 @dataclass
@@ -87,30 +97,67 @@ def _read_file(path: Path) -> Checkpoint:
         try:
             return Checkpoint(official_names(load_file(path)), str(path), "official")
         except SafetensorError as e:
-            raise ValueError(f"{path} is not a readable safetensors file ({e})") from None
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        reason = str(e).strip().splitlines()[0]
-        raise ValueError(f"{path} holds pickled Python objects besides tensors, which loading with weights_only=True "
-                         f"refuses to run ({reason}); re-save just the weights, torch.save(model.state_dict(), "
-                         f"path), or use a .safetensors file") from None
-    except RuntimeError as e:
-        raise ValueError(f"{path} is not a readable PyTorch checkpoint ({e})") from None
+            raise UnreadableCheckpointError(
+                f"{path} is not a readable safetensors file ({e}): if it was cut short or damaged on the way, copy "
+                f"or download it again") from None
+    obj = read_torch_file(path)
     if isinstance(obj, dict) and obj.get("format") == TRAINING_FORMAT:
         # Written by `cvt train`: the architecture, zoo name and class names come with the weights.
-        return Checkpoint(obj["model"], str(path), "cvt", obj["model_args"], obj["model_name"], obj["pretrained_cfg"])
+        missing = [k for k in TRAINING_WEIGHT_KEYS if k not in obj]
+        if missing:
+            raise UnreadableCheckpointError(f"{path} is a `cvt train` checkpoint without {missing}: it was altered "
+                                            f"or damaged; use another checkpoint of the run")
+        return _described_checkpoint(_state_dict(path, obj["model"]), path, "cvt", path, obj["model_args"],
+                                     obj["model_name"], obj["pretrained_cfg"])
     # Training scripts wrap the weights with optimizer state, epoch, ...: the official one under "state_dict",
     # timm's under "model".
     for key in ("state_dict", "model"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]
             break
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+    return Checkpoint(official_names(_state_dict(path, obj)), str(path), "official")
+
+
+def _state_dict(path: Path, obj: Any) -> dict[str, torch.Tensor]:
+    """`obj`, read from `path`, as the state dict it must be."""
+    if not isinstance(obj, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()):
         found = f"a dict with keys {list(obj)[:MAX_KEYS_SHOWN]}" if isinstance(obj, dict) else type(obj).__name__
-        raise ValueError(f"{path} holds {found}, not a state dict (parameter name -> tensor), bare or under "
-                         f"'state_dict' or 'model'")
-    return Checkpoint(official_names(obj), str(path), "official")
+        raise UnreadableCheckpointError(f"{path} holds {found}, not a state dict (parameter name -> tensor), bare "
+                                        f"or under 'state_dict' or 'model'")
+    return obj
+
+
+def read_torch_file(path: Path, mmap: bool = False) -> Any:
+    """`torch.load` onto the CPU with weights_only, so that no code in the file runs (and with mmap, where asked and
+    the file's format has it). A file it cannot read is an UnreadableCheckpointError that says which of three it
+    is: no PyTorch file, one holding Python objects besides tensors, or one cut short or damaged."""
+    with open(path, "rb") as f:
+        signature = f.read(len(TORCH_ZIP_SIGNATURE))
+    # A file shorter than the signature may be one cut short: a prefix of it counts.
+    if not (TORCH_ZIP_SIGNATURE.startswith(signature) or signature.startswith(TORCH_PICKLE_SIGNATURE)):
+        raise UnreadableCheckpointError(
+            f"{path} is not a PyTorch checkpoint (torch.save writes a zip archive, or a pickle before PyTorch 1.6): "
+            f"pass an official .pth, a .safetensors file, a Hugging Face CvT directory or one save_pretrained wrote")
+    damaged = UnreadableCheckpointError(
+        f"{path} is truncated or corrupt{'' if signature else ' (it is empty)'}: it was not completely written, "
+        f"copied or downloaded. Copy or download it again, or use another checkpoint (a `cvt train` run keeps "
+        f"best.pth and epoch_NNNN.pth beside last.pth, which --resume PATH takes)")
+    try:
+        with warnings.catch_warnings():
+            # A damaged pickle may claim any protocol: torch warns before it fails, and the failure says enough.
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            return torch.load(path, map_location="cpu", weights_only=True,
+                              mmap=mmap and signature == TORCH_ZIP_SIGNATURE)
+    except pickle.UnpicklingError as e:
+        refused = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+        if not refused:
+            raise damaged from None
+        raise UnreadableCheckpointError(
+            f"{path} holds pickled Python objects besides tensors ({refused[1]}), which loading with "
+            f"weights_only=True refuses to run; re-save just the weights, torch.save(model.state_dict(), path), or "
+            f"use a .safetensors file") from None
+    except Exception:  # a damaged file fails anywhere in torch.load: EOFError, RuntimeError, IndexError, OSError...
+        raise damaged from None
 
 
 def official_names(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -127,19 +174,66 @@ def _read_directory(path: Path) -> Checkpoint:
     if not config_path.is_file():
         raise FileNotFoundError(f"{path} has no {CONFIG_NAME}: expected a Hugging Face CvT directory or one written by "
                                 f"save_pretrained (or pass the weights file itself)")
-    config = json.loads(config_path.read_text())
+    config = _read_config(config_path)
     if config.get("format") == FORMAT_TAG:
-        model_args = {k: v for k, v in config["model_args"].items() if k != "num_classes"}
-        return Checkpoint(_read_file(path / WEIGHTS_NAME).state_dict, str(path), "cvt", model_args, config.get("model"),
-                          config.get("pretrained_cfg") or {})
+        return _described_checkpoint(_read_file(path / WEIGHTS_NAME).state_dict, path, "cvt", config_path,
+                                     config.get("model_args"), config.get("model"), config.get("pretrained_cfg") or {})
     if config.get("model_type") == "cvt":
         weights = next((path / n for n in HF_WEIGHTS_NAMES if (path / n).is_file()), None)
         if weights is None:
             raise FileNotFoundError(f"Hugging Face directory {path} has none of {', '.join(HF_WEIGHTS_NAMES)}")
-        return Checkpoint(_read_file(weights).state_dict, str(path), "hf",
-                          _cvt_kwargs_from_hf_config(config), pretrained_cfg=_label_cfg(config))
-    raise ValueError(f"{config_path} describes neither a CvT model written by save_pretrained nor a Hugging Face CvT "
-                     f"(model_type {config.get('model_type')!r}): a checkpoint of another architecture")
+        try:
+            labels = _label_cfg(config)
+        except ValueError as e:
+            raise _config_error(config_path, e) from None
+        return _described_checkpoint(_read_file(weights).state_dict, path, "hf", config_path,
+                                     _cvt_kwargs_from_hf_config(config),
+                                     pretrained_cfg={**_hf_preprocessing(path, config.get("num_channels", 3)),
+                                                     **labels})
+    raise UnreadableCheckpointError(
+        f"{config_path} describes neither a CvT model written by save_pretrained nor a Hugging Face CvT (model_type "
+        f"{config.get('model_type')!r}): a checkpoint of another architecture")
+
+
+def _read_config(path: Path) -> dict[str, Any]:
+    """A JSON object from `path`; anything else is an UnreadableCheckpointError naming it."""
+    try:
+        config = json.loads(path.read_bytes())
+    except (ValueError, RecursionError) as e:  # not UTF-8, not JSON, or nested past the parser's depth
+        raise UnreadableCheckpointError(f"{path} is not valid JSON ({type(e).__name__}: {e}): it was cut short or "
+                                        f"damaged; copy it again, or write the model again") from None
+    if not isinstance(config, dict):
+        raise _config_error(path, f"it holds a JSON {type(config).__name__}, not an object of settings")
+    return config
+
+
+def _described_checkpoint(state_dict: dict[str, torch.Tensor], source: Path, kind: str, described_in: Path,
+                          model_args: Any, model_name: Any = None, pretrained_cfg: Any = None) -> Checkpoint:
+    """The weights and what `described_in` (a config.json, or a training checkpoint itself) says of their model,
+    once CvT's argument checks pass and the weights' widths and depths are the config's: a config that describes
+    no CvT, or another one than its weights', is refused before anything is built, naming the file."""
+    from .model import ZOO, check_args  # cvt.model imports this module
+
+    pretrained_cfg = {} if pretrained_cfg is None else pretrained_cfg
+    try:
+        if not isinstance(model_args, dict):
+            raise ValueError(f"model_args is {type(model_args).__name__}, not a mapping of CvT arguments")
+        if not (model_name is None or isinstance(model_name, str) and model_name in ZOO):
+            raise ValueError(f"model {model_name!r} is none of the zoo's ({', '.join(ZOO)})")
+        labels = pretrained_cfg.get("label_names", []) if isinstance(pretrained_cfg, dict) else None
+        if not (isinstance(labels, list) and all(isinstance(n, str) for n in labels)):
+            raise ValueError("pretrained_cfg is not a mapping, or its label_names are not a list of names")
+        check_args(model_args, state_dict)
+    except ValueError as e:
+        raise _config_error(described_in, e) from None
+    # The head's size is the weights' (a model of another class count re-initialises it: model.load_state_dict).
+    model_args = {k: v for k, v in model_args.items() if k != "num_classes"}
+    return Checkpoint(state_dict, str(source), kind, model_args, model_name, pretrained_cfg)
+
+
+def _config_error(path: Path, problem: Any) -> UnreadableCheckpointError:
+    return UnreadableCheckpointError(f"{path} describes no CvT this library builds: {problem}. Correct it, or write "
+                                     f"the model again (save_pretrained, `cvt convert`)")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -182,7 +276,9 @@ def _timm_pretrained_cfg(model: nn.Module) -> dict[str, Any]:
     timm_fields = {f.name for f in fields(PretrainedCfg)} - set(WEIGHT_SOURCE_FIELDS)
     cfg = {k: v for k, v in model.pretrained_cfg.items() if k in timm_fields}
     cfg.pop("architecture", None)  # at the top level
-    return dict(cfg, num_classes=model.num_classes, input_size=(model.in_chans, *model.img_size))
+    # The input size it was trained or evaluated at (cvt.model keeps it in pretrained_cfg), else its native one.
+    input_size = tuple(cfg.get("input_size") or (model.in_chans, *model.img_size))
+    return dict(cfg, num_classes=model.num_classes, input_size=input_size)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -255,10 +351,40 @@ def _cvt_kwargs_from_hf_config(config: dict[str, Any]) -> dict[str, Any]:
 def _label_cfg(config: dict[str, Any]) -> dict[str, Any]:
     """`label_names` from a Hugging Face id2label, unless it holds only transformers' LABEL_i placeholders."""
     id2label = config.get("id2label") or {}
+    if not (isinstance(id2label, dict) and all(str(k).isdigit() and isinstance(v, str) for k, v in id2label.items())):
+        raise ValueError("id2label is not a mapping of class numbers to names (e.g. {\"0\": \"cat\"})")
     names = [id2label[k] for k in sorted(id2label, key=int)]
     if not names or names == [f"LABEL_{i}" for i in range(len(names))]:
         return {}
     return {"label_names": names}
+
+
+# What transformers writes beside a CvT (the Hub's microsoft/cvt-* repos): ConvNeXt's image processor, which at a
+# `size` below 384 resizes the short side to size / crop_pct and centre-crops, and from 384 on squashes.
+PREPROCESSOR_NAME = "preprocessor_config.json"
+HF_SQUASH_FROM = 384
+PIL_RESAMPLE = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
+
+
+def _hf_preprocessing(directory: Path, in_chans: int) -> dict[str, Any]:
+    """The preprocessing (timm's `input_size`, `crop_pct`, `crop_mode`, `interpolation`, `mean`, `std`) of a
+    Hugging Face directory's ConvNeXt image processor; empty without one, or for another kind of processor."""
+    path = directory / PREPROCESSOR_NAME
+    if not path.is_file():
+        return {}
+    processor = _read_config(path)
+    size = processor.get("size")
+    edge = size.get("shortest_edge") if isinstance(size, dict) else size
+    if not isinstance(edge, int) or isinstance(edge, bool) or edge < 1:
+        return {}
+    squash = edge >= HF_SQUASH_FROM
+    cfg = {"input_size": (in_chans, edge, edge), "crop_mode": "squash" if squash else "center",
+           "crop_pct": 1.0 if squash else float(processor.get("crop_pct", 224 / 256))}
+    if processor.get("resample") in PIL_RESAMPLE:
+        cfg["interpolation"] = PIL_RESAMPLE[processor["resample"]]
+    if processor.get("do_normalize", True) and processor.get("image_mean") and processor.get("image_std"):
+        cfg["mean"], cfg["std"] = tuple(processor["image_mean"]), tuple(processor["image_std"])
+    return cfg
 
 
 def label_names(model: nn.Module) -> list[str] | None:
