@@ -11,7 +11,7 @@ import torch
 from cvt import engine
 from cvt.engine import DEFAULTS, build_model, load_config, read_training_checkpoint, train
 from cvt.cli import main
-from cvt.files import yaml_load
+from cvt.files import TEMPORARY_NAME, yaml_load
 from test_data import write_cifar, write_corrupt_imagefolder
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
@@ -250,9 +250,9 @@ def test_resume_continues_exactly(tmp_path):
     assert len((tmp_path / "split" / "metrics.jsonl").read_text().splitlines()) == 2
 
 
-def test_resume_from_nothing_or_from_foreign_weights_is_an_error(tmp_path):
+def test_resume_from_a_missing_path_or_from_foreign_weights_is_an_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="nothing to resume from"):
-        tiny(tmp_path, "train.epochs=1", "train.resume=true")
+        tiny(tmp_path, "train.epochs=1", f"train.resume={tmp_path / 'missing.pth'}")
     torch.save({"model": {}}, tmp_path / "foreign.pth")
     with pytest.raises(ValueError, match="not a training checkpoint written by `cvt train`"):
         tiny(tmp_path, "train.epochs=1", f"train.resume={tmp_path / 'foreign.pth'}")
@@ -342,11 +342,11 @@ def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, m
     assert exit_.value.code == 2
     err = capsys.readouterr().err
     assert f"the loss is nan at epoch 2, step {steps_per_epoch + 1}" in err
-    assert f"the last good checkpoint is {tmp_path / 'last.pth'} (epoch 1)" in err
+    assert f"the last good checkpoint is {tmp_path / 'last.pth'} (step {steps_per_epoch})" in err
     state = torch.load(tmp_path / "last.pth", weights_only=True)
     assert state["epoch"] == 1 and all(torch.isfinite(v).all() for v in state["model"].values())
     assert not (tmp_path / "summary.json").exists()
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no half-written file
+    assert not [p for p in tmp_path.iterdir() if TEMPORARY_NAME.match(p.name)]  # no half-written file
 
 
 def test_the_loop_reads_the_loss_on_the_host_every_few_steps_not_every_step(tmp_path, monkeypatch):
@@ -361,7 +361,7 @@ def test_the_loop_reads_the_loss_on_the_host_every_few_steps_not_every_step(tmp_
             frame = sys._getframe(1)
             while frame is not None and frame.f_code is not engine.evaluate.__code__ \
                     and "torch/utils/data" not in frame.f_code.co_filename:
-                if frame.f_code is engine.train.__code__:
+                if frame.f_code is engine.run_training.__code__:
                     reads.append(name)
                     break
                 frame = frame.f_back

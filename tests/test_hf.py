@@ -154,7 +154,8 @@ def test_a_hub_image_processor_gives_the_preprocessing(hf_model, tmp_path, size,
     squashes from 384 on."""
     hf_model.save_pretrained(tmp_path / "hf")
     (tmp_path / "hf" / "preprocessor_config.json").write_text(json.dumps({
-        "crop_pct": 0.875, "do_normalize": True, "do_resize": True, "feature_extractor_type": "ConvNextFeatureExtractor",
+        "crop_pct": 0.875, "do_normalize": True, "do_resize": True,
+        "feature_extractor_type": "ConvNextFeatureExtractor",
         "image_mean": [0.5, 0.5, 0.5], "image_std": [0.25, 0.25, 0.25], "resample": 2, "size": size}))
     for model in (from_hf(tmp_path / "hf"), cvt.create_model("cvt_13_224", pretrained=tmp_path / "hf")):
         cfg = timm.data.resolve_model_data_config(model)

@@ -88,12 +88,6 @@ def test_model_without_class_token_is_refused():
         attention_maps(model, torch.randn(1, 3, 64, 64))
 
 
-def test_model_without_blocks_in_the_last_stage_is_refused():
-    model = tiny_model(depths=(1, 1, 0))
-    with pytest.raises(ValueError, match=r"depths\[-1\] >= 1"):
-        attention_maps(model, torch.randn(1, 3, 64, 64))
-
-
 def test_draw_attention_writes_the_figure(tmp_path):
     model = tiny_model()
     maps = attention_maps(model, torch.randn(1, 3, 64, 48))

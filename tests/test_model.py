@@ -220,9 +220,9 @@ def test_unknown_model_suggests_close_names():
 def test_bad_options_are_clear_errors():
     with pytest.raises(ValueError, match="one value per stage"):
         tiny(stride_kv=(2, 2))
-    with pytest.raises(ValueError, match="unknown projection method"):
+    with pytest.raises(ValueError, match="proj_method takes one of"):
         tiny(proj_method="conv")
-    with pytest.raises(ValueError, match="unknown act_layer"):
+    with pytest.raises(ValueError, match="act_layer takes one of"):
         tiny(act_layer="relu")
     with pytest.raises(ValueError, match="not divisible"):
         cvt.create_model("cvt_13_224", embed_dims=(16, 32, 50), depths=(1, 1, 1), num_heads=(1, 2, 3))

@@ -41,7 +41,8 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, Subset
 from torch.utils.data.distributed import DistributedSampler
 
-from .data import Readers, build_datasets, build_eval_dataset, collate_skipping, eval_crop, train_sampler
+from .data import (Readers, build_datasets, build_eval_dataset, call_seeded, collate_skipping, eval_crop,
+                   train_sampler)
 from .accel import accelerate_training, compile_model, optimize_for_inference
 from .files import copy_atomic, remove_stale_temporaries, save_atomic, save_figure, write_atomic, yaml_load
 from .flops import count_params
@@ -837,16 +838,7 @@ class EpochSamples(Dataset):
 
     def __getitem__(self, index: int) -> Any:
         seed = hash((self.seed, self.epoch, index)) % 2**63  # ints hash to themselves: the same in every process
-        python_state, numpy_state = random.getstate(), np.random.get_state()
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            random.seed(seed)
-            np.random.seed(seed % 2**32)
-            try:
-                return self.dataset[index]
-            finally:
-                random.setstate(python_state)
-                np.random.set_state(numpy_state)
+        return call_seeded(seed, lambda: self.dataset[index])
 
 
 class ResumableSampler(Sampler):
@@ -1171,8 +1163,8 @@ def train_one_epoch(epoch: int, models: TrainingModels, optimization: Optimizati
     batches.close()
     seconds = time.time() - started
     mean_loss = loss_sum / (before.micro_steps + micro_steps)
-    train_loss, skipped = all_reduce_sum(torch.stack([mean_loss, torch.tensor(float(skipped), device=device)]))
-    return {"train_loss": train_loss.item() / world, "skipped": skipped.item(),
+    train_loss, skipped = all_reduce_sum(torch.stack([mean_loss, torch.tensor(float(skipped), device=device)])).tolist()
+    return {"train_loss": train_loss / world, "skipped": skipped,
             "images_per_second": images_seen * world / seconds, "seconds": seconds}
 
 

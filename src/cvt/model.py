@@ -691,7 +691,8 @@ def _pretrained_cfg(hf_hub_id: str, img_size: int, paper_top1: float, pretrainin
     return dict(
         hf_hub_id=hf_hub_id, **eval_data_cfg(img_size), num_classes=1000,
         first_conv="stage0.patch_embed.proj", classifier="head", license="mit", paper_ids="arXiv:2103.15808",
-        paper_name="CvT: Introducing Convolutions to Vision Transformers", origin_url="https://github.com/microsoft/CvT",
+        paper_name="CvT: Introducing Convolutions to Vision Transformers",
+        origin_url="https://github.com/microsoft/CvT",
         notes=(f"paper top-1 {paper_top1}", f"pre-training: {pretraining}"), paper_top1=paper_top1,
         pretraining=pretraining,
     )
