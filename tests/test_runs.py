@@ -162,14 +162,15 @@ def run_in_child(work) -> int:
     return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
 
 
-def count_writes(then: int | None = None) -> list[int]:
-    """Count the files written (atomic_path's renames into place); SIGKILL this process at write `then`, after
-    the temporary file is written and before the rename, where a kill leaves the most behind."""
-    real, writes = os.replace, [0]
+def record_writes(then: int | None = None) -> list[str]:
+    """The names of the files written, in order (atomic_path's renames into place); SIGKILL this process at write
+    number `then` (from 1), after the temporary file is written and before the rename, where a kill leaves the
+    most behind."""
+    real, writes = os.replace, []
 
     def replace(src, dst):
-        writes[0] += 1
-        if writes[0] == then:
+        writes.append(Path(dst).name)
+        if len(writes) == then:
             os.kill(os.getpid(), signal.SIGKILL)
         real(src, dst)
 
@@ -178,25 +179,29 @@ def count_writes(then: int | None = None) -> list[int]:
 
 
 def test_a_kill_at_any_write_resumes_to_the_same_run_with_nothing_left_over(images, tmp_path):
-    # Two epochs of three steps with a checkpoint inside each (after steps 2 and 4): every file of the run is
-    # written at least once, and a kill at each write is followed by `--resume` until the run is done.
+    # Two epochs of three steps with a checkpoint inside each (after steps 2 and 4). A kill at each write of the
+    # second epoch (every file of a run is written in it) is followed by `--resume`, which finishes the run.
+    # The first epoch's writes are the same as the second's.
     config = recipe(images, "train.epochs=2", "train.checkpoint_every_steps=2", "model.args.drop_path_rate=0.1",
                     "train.mixup=0.4", "train.resume=true")
     straight = tmp_path / "straight"
 
     def uninterrupted():
-        writes = count_writes()
+        writes = record_writes()
         train(config, straight)
-        (tmp_path / "writes").write_text(str(writes[0]))
+        (tmp_path / "writes.json").write_text(json.dumps(writes))
 
     assert run_in_child(uninterrupted) == 0
-    total = int((tmp_path / "writes").read_text())
-    assert total >= 14  # 2 x (inside, last, epoch copy, metrics x 2, curves) + summary, and best copies
-    for kill_at in range(1, total + 1):
+    writes = json.loads((tmp_path / "writes.json").read_text())
+    second_epoch = writes.index("curves.png") + 1
+    assert set(writes[second_epoch:]) - {"best.pth"} == {"last.pth", "epoch_0002.pth", "metrics.jsonl",
+                                                         "metrics.csv", "curves.png", "summary.json"}
+    assert writes[second_epoch:].count("last.pth") == 2  # inside the epoch and at its end
+    for kill_at in range(second_epoch + 1, len(writes) + 1):
         out = tmp_path / f"killed_at_{kill_at}"
 
         def killed():
-            count_writes(then=kill_at)
+            record_writes(then=kill_at)
             train(config, out)
 
         assert run_in_child(killed) == -signal.SIGKILL
@@ -208,3 +213,28 @@ def test_a_kill_at_any_write_resumes_to_the_same_run_with_nothing_left_over(imag
             (r["epoch"], r["step"], r["top1"]) for r in rows(straight)], f"killed at write {kill_at}"
         assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == sorted(
             p.name for p in straight.iterdir() if not p.name.startswith(".")), f"killed at write {kill_at}"
+
+
+def test_tensorboard_logs_each_epochs_metrics_beside_metrics_jsonl(images, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "run"
+    train(recipe(images, "train.epochs=2", "train.tensorboard=true"), out)
+    events = EventAccumulator(str(out / "tensorboard")).Reload()
+    for key in ("top1", "val_loss", "train_loss", "lr"):
+        scalars = events.Scalars(key)
+        assert [e.step for e in scalars] == [r["step"] for r in rows(out)]
+        assert [e.value for e in scalars] == pytest.approx([r[key] for r in rows(out)], rel=1e-6)
+
+
+def test_on_the_cpu_fp16_trains_in_float32_and_workers_fit_the_cores(capsys, monkeypatch):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    cfg = load_config(None, ["train.amp=fp16", "data.workers=8"])
+    processes = engine.Processes(0, 1, torch.device("cpu"), started_group=False)
+    run = engine.adapted_to_device(cfg, processes)
+    assert run["train"]["amp"] is None and run["data"]["workers"] == 2
+    assert cfg["train"]["amp"] == "fp16" and cfg["data"]["workers"] == 8  # the recipe, as checkpoints record it
+    out = capsys.readouterr().out.splitlines()
+    assert len(out) == 2 and "train.amp=fp16 on the CPU" in out[0] and "using 2 loader workers" in out[1]
+    assert engine.adapted_to_device(load_config(None, ["train.amp=bf16", "data.workers=2"]), processes) == \
+        load_config(None, ["train.amp=bf16", "data.workers=2"])

@@ -111,3 +111,63 @@ def test_predict_names_imagenet_classes_for_a_1000_class_model(tmp_path, capsys)
     with pytest.raises(SystemExit):
         main(["predict", str(tmp_path / "notes.txt"), "--model", "cvt_13_224", "--checkpoint", str(path)])
     assert "cannot read" in capsys.readouterr().err
+
+
+def one_error_line(capsys, argv: list[str]) -> str:
+    """The error `cvt ARGV` ends with: exit code 2 and one `error:` line, the last on stderr, no traceback."""
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert exit_.value.code == 2 and "Traceback (most recent call last):" not in lines, lines
+    assert [line for line in lines if line.startswith("error:")] == lines[-1:], lines
+    return lines[-1]
+
+
+@pytest.mark.parametrize("make_argv, message", [
+    (lambda tmp: ["train", "train.lr=abc"], "config key 'train.lr' takes a number, e.g. train.lr=0.002; got \"abc\""),
+    (lambda tmp: ["train", "train.epochs=1.5"], "'train.epochs' takes an integer"),
+    (lambda tmp: ["train", "train.batch_size=0"], "'train.batch_size' must be at least 1, got 0"),
+    (lambda tmp: ["train", "train.epochs=[1"], "the override 'train.epochs=[1', line 1, column 3: not valid YAML"),
+    (lambda tmp: ["train", "--config", str(write(tmp / "bad.yaml", "train:\n  epochs: [1,\n"))],
+     "bad.yaml, line 3, column 1: not valid YAML"),
+    (lambda tmp: ["train", "--output", str(write(tmp / "file", ""))], "is a file: give --output a folder"),
+    (lambda tmp: ["train", "--device", "cuda:99", "--output", str(tmp)], "device cuda:99 asked for"),
+    (lambda tmp: ["train", "--device", "gpu", "--output", str(tmp)], "unknown device 'gpu'"),
+    (lambda tmp: ["attention", str(write(tmp / "empty.png", "")), "--model", "cvt_13_224", "--output",
+                  str(tmp / "a.png")], "empty.png"),
+])
+def test_a_bad_input_is_one_line_naming_it(tmp_path, capsys, make_argv, message):
+    assert message in one_error_line(capsys, make_argv(tmp_path))
+
+
+def write(path, text: str):
+    path.write_text(text)
+    return path
+
+
+def test_debug_shows_the_traceback(capsys):
+    with pytest.raises(ValueError, match="'train.lr' takes a number"):
+        main(["train", "train.lr=abc", "--debug"])
+
+
+def test_overrides_may_stand_anywhere_among_the_options(tmp_path, monkeypatch):
+    seen = {}
+    monkeypatch.setattr("cvt.engine.train", lambda config, output, overwrite: seen.update(config=config) or {})
+    monkeypatch.setattr("cvt.cli.print", lambda *a, **k: None, raising=False)
+    with pytest.raises(KeyError):  # the stand-in summary has no result to print
+        main(["train", "train.epochs=1", "--seed", "3", "train.progress=false", "--output", str(tmp_path),
+              "data.workers=1", "--debug"])
+    config = seen["config"]
+    assert (config["train"]["epochs"], config["seed"], config["train"]["progress"]) == (1, 3, False)
+    assert config["data"]["workers"] == 1
+
+
+def test_a_bad_image_in_eval_is_one_line_with_the_eval_flag(run, tmp_path, capsys):
+    root = tmp_path / "images"
+    for c in range(10):
+        (root / "val" / str(c)).mkdir(parents=True)
+        Image.new("RGB", (8, 8)).save(root / "val" / str(c) / "ok.png")
+    (root / "val" / "3" / "broken.png").write_bytes(b"not a png")
+    err = one_error_line(capsys, ["eval", "--checkpoint", str(run / "last.pth"), "--data", "imagefolder",
+                                  "--root", str(root), "--workers", "1"])
+    assert "broken.png" in err and "--bad-images skip" in err

@@ -294,8 +294,8 @@ def read_or_skip(read: Callable[[], Sample], bad_images: str, where: str) -> Sam
     except UnreadableImageError as e:
         if bad_images == "skip":
             return None
-        raise UnreadableImageError(f"{e} ({where}). Fix or remove it, or set data.bad_images=skip to skip such "
-                                   "images") from None
+        raise UnreadableImageError(f"{e} ({where}). Fix or remove it, or skip such images: data.bad_images=skip "
+                                   "in training, --bad-images skip for cvt eval") from None
 
 
 class SafeImages(Dataset):
