@@ -188,30 +188,43 @@ def candidate_paths(transform: Any) -> dict[str, Callable[[Path], torch.Tensor]]
 # ---------------------------------------------------------------------------------------------------------------
 # Timing
 
-def timed_current(paths: list[Path], seeds: list[int], stages: list[tuple[str, list[Callable]]],
-                  batch_size: int) -> dict[str, float]:
-    """Seconds per stage of the current path over `paths` (each sample under its seed), the collate included."""
-    times = dict.fromkeys(["decode", *(name for name, _ in stages), "per-sample seeding", "collate"], 0.0)
-    outputs = []
-    for path, seed in zip(paths, seeds):
-        def sample(path: Path = path) -> torch.Tensor:
-            start = time.perf_counter()
-            x = read_image(path)
-            now = time.perf_counter()
-            times["decode"] += now - start
-            for name, group in stages:
-                for fn in group:
-                    x = fn(x)
-                later = time.perf_counter()
-                times[name] += later - now
-                now = later
-            return x
-        inner = sum(times.values())
+def decoders() -> dict[str, Callable[[Path], Any]]:
+    """Each decoder timed alone."""
+    from torchvision.io import ImageReadMode, decode_jpeg, read_file
+
+    def half(path: Path) -> Image.Image:
+        with Image.open(path) as image:
+            image.draft("RGB", (image.width // 2, image.height // 2))
+            image.load()
+            return image.convert("RGB")
+
+    return {"Pillow (read_image)": read_image,
+            "torchvision decode_jpeg (a uint8 tensor)": lambda p: decode_jpeg(read_file(str(p)), mode=ImageReadMode.RGB),
+            "torchvision decode_jpeg, then a PIL image": torchvision_image,
+            "Pillow at 1/2 scale (Image.draft)": half}
+
+
+def staged_sample(path: Path, seed: int, stages: list[tuple[str, list[Callable]]],
+                  times: dict[str, float]) -> torch.Tensor:
+    """The current path's sample, each stage's seconds added to `times` (seeding: call_seeded's own time)."""
+    def sample() -> torch.Tensor:
         start = time.perf_counter()
-        outputs.append((call_seeded(seed, sample), 0))
-        times["per-sample seeding"] += time.perf_counter() - start - (sum(times.values()) - inner)
-    times["collate"] = timed_collate(outputs, batch_size)
-    return times
+        x = read_image(path)
+        now = time.perf_counter()
+        times["decode"] += now - start
+        for name, group in stages:
+            for fn in group:
+                x = fn(x)
+            later = time.perf_counter()
+            times[name] += later - now
+            now = later
+        return x
+
+    inner = sum(times.values())
+    start = time.perf_counter()
+    x = call_seeded(seed, sample)
+    times["per-sample seeding"] += time.perf_counter() - start - (sum(times.values()) - inner)
+    return x
 
 
 def timed_collate(samples: list[tuple[torch.Tensor, int]], batch_size: int) -> float:
@@ -221,35 +234,41 @@ def timed_collate(samples: list[tuple[torch.Tensor, int]], batch_size: int) -> f
     return time.perf_counter() - start
 
 
-def timed_path(paths: list[Path], seeds: list[int], sample: Callable[[Path], torch.Tensor], batch_size: int) -> float:
-    """Seconds for a worker's whole path over `paths`: every seeded sample, then the collate of their batches."""
-    start = time.perf_counter()
-    outputs = [(call_seeded(seed, lambda p=path: sample(p)), 0) for path, seed in zip(paths, seeds)]
-    return time.perf_counter() - start + timed_collate(outputs, batch_size)
+def timed_round(paths: list[Path], seeds: list[int], stages: list[tuple[str, list[Callable]]],
+                samples: dict[str, Callable[[Path], torch.Tensor]], decode: dict[str, Callable[[Path], Any]],
+                batch_size: int) -> tuple[dict[str, float], dict[str, float], dict[str, float]]:
+    """One pass over `paths`: seconds per stage of the current path, per candidate path (every seeded sample, then
+    the collate of their batches) and per decoder alone. Every image goes through all of them before the next, in
+    an order rotated from image to image, so that other work on the machine slows them alike."""
+    stage_s = dict.fromkeys(["decode", *(name for name, _ in stages), "per-sample seeding", "collate"], 0.0)
+    path_s, decode_s = dict.fromkeys(samples, 0.0), dict.fromkeys(decode, 0.0)
+    outputs: dict[str, list[tuple[torch.Tensor, int]]] = {name: [] for name in ("staged", *samples)}
 
+    def staged(path: Path, seed: int) -> None:
+        outputs["staged"].append((staged_sample(path, seed, stages, stage_s), 0))
 
-def timed_decodes(paths: list[Path]) -> dict[str, float]:
-    """Seconds to decode every image alone, by each decoder."""
-    from torchvision.io import ImageReadMode, decode_jpeg, read_file
+    def candidate(name: str) -> Callable[[Path, int], None]:
+        def run(path: Path, seed: int) -> None:
+            start = time.perf_counter()
+            outputs[name].append((call_seeded(seed, lambda: samples[name](path)), 0))
+            path_s[name] += time.perf_counter() - start
+        return run
 
-    def half(path: Path) -> Image.Image:
-        with Image.open(path) as image:
-            image.draft("RGB", (image.width // 2, image.height // 2))
-            image.load()
-            return image.convert("RGB")
+    def decoder(name: str) -> Callable[[Path, int], None]:
+        def run(path: Path, seed: int) -> None:
+            start = time.perf_counter()
+            decode[name](path)
+            decode_s[name] += time.perf_counter() - start
+        return run
 
-    decoders = {"Pillow (read_image)": read_image,
-                "torchvision decode_jpeg (a uint8 tensor)":
-                    lambda p: decode_jpeg(read_file(str(p)), mode=ImageReadMode.RGB),
-                "torchvision decode_jpeg, then a PIL image": torchvision_image,
-                "Pillow at 1/2 scale (Image.draft)": half}
-    seconds = {}
-    for name, decode in decoders.items():
-        start = time.perf_counter()
-        for path in paths:
-            decode(path)
-        seconds[name] = time.perf_counter() - start
-    return seconds
+    jobs = [staged, *map(candidate, samples), *map(decoder, decode)]
+    for n, (path, seed) in enumerate(zip(paths, seeds)):
+        for job in jobs[n % len(jobs):] + jobs[:n % len(jobs)]:
+            job(path, seed)
+    stage_s["collate"] = timed_collate(outputs.pop("staged"), batch_size)
+    for name, done in outputs.items():
+        path_s[name] += timed_collate(done, batch_size)
+    return stage_s, path_s, decode_s
 
 
 def sync(device: torch.device) -> None:
@@ -455,22 +474,15 @@ def main(argv: list[str] | None = None) -> str:
     device = torch.device(args.device)
     with tempfile.TemporaryDirectory(prefix="cvt-data-pipeline-") as folder:
         paths = write_jpegs(Path(folder), args.images, args.long_side)
-        stage_runs: list[dict[str, float]] = []
-        path_runs: dict[str, list[float]] = {name: [] for name in paths_of}
-        decode_runs: list[dict[str, float]] = []
+        decode = decoders()
+        runs = []
         for r in range(args.warmup + args.rounds):
             seeds = [r * len(paths) + n for n in range(len(paths))]
-            stages_s = timed_current(paths, seeds, stages, args.batch_size)
-            paths_s = {name: timed_path(paths, seeds, sample, args.batch_size) for name, sample in paths_of.items()}
-            decodes_s = timed_decodes(paths)
-            if r >= args.warmup:
-                stage_runs.append(stages_s)
-                decode_runs.append(decodes_s)
-                for name, s in paths_s.items():
-                    path_runs[name].append(s)
+            runs.append(timed_round(paths, seeds, stages, paths_of, decode, args.batch_size))
+        stage_runs, path_runs, decode_runs = zip(*runs[args.warmup:])
         median_ms = lambda runs: 1000 * statistics.median(runs) / len(paths)  # noqa: E731
         stage_ms = {name: median_ms([run[name] for run in stage_runs]) for name in stage_runs[0]}
-        path_ms = {name: median_ms(runs) for name, runs in path_runs.items()}
+        path_ms = {name: median_ms([run[name] for run in path_runs]) for name in path_runs[0]}
         decode_ms = {name: median_ms([run[name] for run in decode_runs]) for name in decode_runs[0]}
         seeds = list(range(10**6, 10**6 + len(paths) * max(args.rounds, 3)))
         checks = output_differences([paths[n % len(paths)] for n in range(len(seeds))], seeds, transform)

@@ -472,3 +472,31 @@ def test_a_crafted_cifar_batch_is_refused_and_runs_nothing(tmp_path):
     with pytest.raises(UnsafePickleError, match=r"refusing to unpickle .*data_batch_1: it holds posix.system"):
         build_datasets(data_config("cifar10", tmp_path), IMAGENET_CFG)
     assert not marker.exists()
+
+
+@pytest.mark.parametrize("image_format", ["PNG", "JPEG", "GIF", "BMP", "TIFF", "WEBP"])
+def test_random_and_damaged_bytes_are_an_unreadable_image_or_a_picture(tmp_path, image_format):
+    """The image reader, fuzzed: truncations, flipped bytes and noise give an UnreadableImageError naming the
+    file (or, where the damage still decodes, an RGB picture), never another error."""
+    from cvt.data import UnreadableImageError, read_image
+
+    buffer = io.BytesIO()
+    Image.fromarray(image(3, size=24)).save(buffer, format=image_format)
+    valid = buffer.getvalue()
+    rng = np.random.default_rng(0)
+    damaged = [valid[:n] for n in (0, 1, 8, len(valid) // 3, len(valid) // 2, len(valid) - 1)]
+    for _ in range(12):
+        flipped = bytearray(valid)
+        for i in rng.integers(0, len(valid), size=4):
+            flipped[i] ^= int(rng.integers(1, 256))
+        damaged.append(bytes(flipped))
+    damaged += [bytes(rng.integers(0, 256, size=n, dtype=np.uint8)) for n in (16, 700)]
+    for i, data in enumerate(damaged):
+        path = tmp_path / f"damaged_{i}.{image_format.lower()}"
+        path.write_bytes(data)
+        try:
+            picture = read_image(path)
+        except UnreadableImageError as e:
+            assert str(path) in str(e)
+        else:
+            assert picture.mode == "RGB"  # a flipped header byte may change its size

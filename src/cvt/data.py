@@ -267,10 +267,13 @@ Sample = TypeVar("Sample")
 def call_seeded(seed: int, read: Callable[[], Sample]) -> Sample:
     """`read()` with torch's, Python's and numpy's generators seeded by `seed`, the process's own left as they were:
     a sample's augmentation then depends on the sample alone, not on the worker that reads it or on where a resume
-    started (as the engine's EpochSamples does for map-style sets)."""
+    started (as the engine's EpochSamples does for map-style sets). Only the CPU generator is seeded, the one that
+    fork_rng restores and the transforms draw from: `torch.manual_seed` would also queue a seed for every
+    accelerator, formatting the call stack for each, which cost a DataLoader worker 0.5-1 ms per sample
+    (benchmarks/data_pipeline.py), and would reseed a CUDA generator in use without restoring it."""
     python_state, numpy_state = random.getstate(), np.random.get_state()
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+        torch.default_generator.manual_seed(seed)
         random.seed(seed)
         np.random.seed(seed % 2**32)
         try:

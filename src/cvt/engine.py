@@ -4,11 +4,14 @@ many of them (`torchrun`).
     config = load_config("configs/cvt13_imagenet.yaml", ["train.epochs=10"])
     summary = train(config, "runs/cvt13")
 
-`train` wires the parts, each a function of its own: the processes, the data, the model, the optimisation, the
-training state (resumed from a checkpoint or new), then for each epoch `train_one_epoch`, `evaluate_epoch` and a
-checkpoint, and the summary. Everything it writes goes into the output directory: `last.pth` (every epoch),
-`best.pth`, the last few `epoch_NNNN.pth`, `metrics.jsonl` / `metrics.csv`, `curves.png` and `summary.json`;
-files are written to a temporary name and renamed, so none is ever half-written.
+`train` claims the output folder (one run at a time, `RunFolder`) and settles the config (a resume goes on with
+the checkpoint's, `resumed_config`); `run_training` wires the parts, each a function of its own: the processes,
+the data, the model, the optimisation, the training state (resumed from a checkpoint or new), then for each epoch
+`train_one_epoch`, `evaluate_epoch`, a checkpoint and its `EpochRecord`, and the summary. Everything it writes
+goes into the output directory: `last.pth` (every epoch, and every train.checkpoint_every_steps inside one),
+`best.pth`, the last few `epoch_NNNN.pth`, `metrics.jsonl` / `metrics.csv`, `curves.png`, `summary.json` and,
+with train.tensorboard, `tensorboard/`. Files are written to a temporary name and renamed, so none is ever
+half-written; a resume removes the temporaries a kill left and redoes what it left undone.
 """
 from __future__ import annotations
 
