@@ -22,7 +22,8 @@ from the page cache: the figures are the CPU's work, not the disk's.
 Candidates, each a whole worker path timed against the current one on the same images under the same seeds:
 
 - `torchvision decode`: `torchvision.io.decode_jpeg` (its libjpeg-turbo) on the file's bytes, then a PIL image for
-  the rest of the transform (timm's RandAugment works on PIL images);
+  the rest of the transform (timm's RandAugment works on PIL images); torchvision 0.29 deprecates these decoders
+  in favour of TorchCodec's;
 - `reduced-size decode`: the RandomResizedCrop box drawn on the JPEG header's size (the same draws as the current
   path), then the JPEG decoded at 1/2, 1/4 or 1/8 scale (libjpeg's DCT scaling, `Image.draft`) where the crop still
   holds at least as many source pixels as the 224 x 224 output in each direction, and resized from there;
@@ -30,9 +31,10 @@ Candidates, each a whole worker path timed against the current one on the same i
   and ToTensor/Normalize and random erasing move to the device, on the batch (their cost there is timed apart);
 - the two that combine, `reduced-size decode + uint8 out`.
 
-Each round decodes and transforms every image once per path, interleaved, so that a machine shared with other work
-slows all of them alike; the median round is kept. The table is printed; with `--out FILE` it is also written there
-as markdown.
+Each round takes every image through every path, the paths in turn image by image, with the same seeds every round;
+an image's time in a stage or path is the least over the rounds (what it costs a core undisturbed by other work on
+the machine), and the figures are the means over the images. The batch work takes the least of its repeats. The
+table is printed; with `--out FILE` it is also written there as markdown.
 """
 from __future__ import annotations
 
@@ -44,6 +46,7 @@ import shlex
 import statistics
 import tempfile
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Callable
 
@@ -199,19 +202,21 @@ def decoders() -> dict[str, Callable[[Path], Any]]:
             return image.convert("RGB")
 
     return {"Pillow (read_image)": read_image,
-            "torchvision decode_jpeg (a uint8 tensor)": lambda p: decode_jpeg(read_file(str(p)), mode=ImageReadMode.RGB),
+            "torchvision decode_jpeg (a uint8 tensor)":
+                lambda path: decode_jpeg(read_file(str(path)), mode=ImageReadMode.RGB),
             "torchvision decode_jpeg, then a PIL image": torchvision_image,
             "Pillow at 1/2 scale (Image.draft)": half}
 
 
-def staged_sample(path: Path, seed: int, stages: list[tuple[str, list[Callable]]],
-                  times: dict[str, float]) -> torch.Tensor:
-    """The current path's sample, each stage's seconds added to `times` (seeding: call_seeded's own time)."""
+def staged_sample(path: Path, seed: int, stages: list[tuple[str, list[Callable]]]) -> tuple[torch.Tensor, dict]:
+    """The current path's sample, and the seconds of each stage (seeding: call_seeded's own time)."""
+    times = dict.fromkeys(["decode", *(name for name, _ in stages)], 0.0)
+
     def sample() -> torch.Tensor:
         start = time.perf_counter()
         x = read_image(path)
         now = time.perf_counter()
-        times["decode"] += now - start
+        times["decode"] = now - start
         for name, group in stages:
             for fn in group:
                 x = fn(x)
@@ -220,55 +225,62 @@ def staged_sample(path: Path, seed: int, stages: list[tuple[str, list[Callable]]
             now = later
         return x
 
-    inner = sum(times.values())
     start = time.perf_counter()
     x = call_seeded(seed, sample)
-    times["per-sample seeding"] += time.perf_counter() - start - (sum(times.values()) - inner)
-    return x
+    times["per-sample seeding"] = time.perf_counter() - start - sum(times.values())
+    return x, times
 
 
 def timed_collate(samples: list[tuple[torch.Tensor, int]], batch_size: int) -> float:
+    """Seconds per image to collate `samples` into batches."""
     start = time.perf_counter()
     for b in range(0, len(samples), batch_size):
         collate_skipping(samples[b:b + batch_size])
-    return time.perf_counter() - start
+    return (time.perf_counter() - start) / len(samples)
 
 
 def timed_round(paths: list[Path], seeds: list[int], stages: list[tuple[str, list[Callable]]],
                 samples: dict[str, Callable[[Path], torch.Tensor]], decode: dict[str, Callable[[Path], Any]],
-                batch_size: int) -> tuple[dict[str, float], dict[str, float], dict[str, float]]:
-    """One pass over `paths`: seconds per stage of the current path, per candidate path (every seeded sample, then
-    the collate of their batches) and per decoder alone. Every image goes through all of them before the next, in
-    an order rotated from image to image, so that other work on the machine slows them alike."""
-    stage_s = dict.fromkeys(["decode", *(name for name, _ in stages), "per-sample seeding", "collate"], 0.0)
-    path_s, decode_s = dict.fromkeys(samples, 0.0), dict.fromkeys(decode, 0.0)
+                batch_size: int) -> dict[str, dict[str, np.ndarray]]:
+    """One pass over `paths`: the seconds of each image in each stage of the current path ("stages"), in each
+    candidate's path ("paths": the seeded sample, and its share of the collate of their batches) and in each decoder
+    alone ("decoders"). Every image goes through all of them before the next, in an order rotated from image to
+    image, so that other work on the machine slows them alike."""
+    seconds: dict[str, dict[str, np.ndarray]] = {
+        "stages": {name: np.zeros(len(paths)) for name in
+                   ["decode", *(name for name, _ in stages), "per-sample seeding", "collate"]},
+        "paths": {name: np.zeros(len(paths)) for name in samples},
+        "decoders": {name: np.zeros(len(paths)) for name in decode}}
     outputs: dict[str, list[tuple[torch.Tensor, int]]] = {name: [] for name in ("staged", *samples)}
 
-    def staged(path: Path, seed: int) -> None:
-        outputs["staged"].append((staged_sample(path, seed, stages, stage_s), 0))
+    def staged(n: int) -> None:
+        x, times = staged_sample(paths[n], seeds[n], stages)
+        outputs["staged"].append((x, 0))
+        for name, s in times.items():
+            seconds["stages"][name][n] = s
 
-    def candidate(name: str) -> Callable[[Path, int], None]:
-        def run(path: Path, seed: int) -> None:
+    def candidate(name: str) -> Callable[[int], None]:
+        def run(n: int) -> None:
             start = time.perf_counter()
-            outputs[name].append((call_seeded(seed, lambda: samples[name](path)), 0))
-            path_s[name] += time.perf_counter() - start
+            outputs[name].append((call_seeded(seeds[n], lambda: samples[name](paths[n])), 0))
+            seconds["paths"][name][n] = time.perf_counter() - start
         return run
 
-    def decoder(name: str) -> Callable[[Path, int], None]:
-        def run(path: Path, seed: int) -> None:
+    def decoder(name: str) -> Callable[[int], None]:
+        def run(n: int) -> None:
             start = time.perf_counter()
-            decode[name](path)
-            decode_s[name] += time.perf_counter() - start
+            decode[name](paths[n])
+            seconds["decoders"][name][n] = time.perf_counter() - start
         return run
 
     jobs = [staged, *map(candidate, samples), *map(decoder, decode)]
-    for n, (path, seed) in enumerate(zip(paths, seeds)):
+    for n in range(len(paths)):
         for job in jobs[n % len(jobs):] + jobs[:n % len(jobs)]:
-            job(path, seed)
-    stage_s["collate"] = timed_collate(outputs.pop("staged"), batch_size)
+            job(n)
+    seconds["stages"]["collate"][:] = timed_collate(outputs.pop("staged"), batch_size)
     for name, done in outputs.items():
-        path_s[name] += timed_collate(done, batch_size)
-    return stage_s, path_s, decode_s
+        seconds["paths"][name] += timed_collate(done, batch_size)
+    return seconds
 
 
 def sync(device: torch.device) -> None:
@@ -278,7 +290,7 @@ def sync(device: torch.device) -> None:
 
 def timed_on_device(batch_size: int, size: int, model_cfg: dict, data_cfg: dict, train_cfg: dict,
                     device: torch.device, repeats: int) -> dict[str, float]:
-    """Median seconds per batch of the work of the training process: timm's Mixup/CutMix as the engine builds it,
+    """Least seconds per batch of the work of the training process: timm's Mixup/CutMix as the engine builds it,
     and what `uint8 out` moves there (a uint8 batch to float, normalised, random erasing on the batch)."""
     from timm.data import Mixup
     from timm.data.random_erasing import RandomErasing
@@ -306,15 +318,16 @@ def timed_on_device(batch_size: int, size: int, model_cfg: dict, data_cfg: dict,
             fn()
             sync(device)
             runs.append(time.perf_counter() - start)
-        seconds[name] = statistics.median(runs)
+        seconds[name] = min(runs)
     return seconds
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Checks: what the candidates change in the output
 
-def output_differences(paths: list[Path], seeds: list[int], transform: Any) -> dict[str, Any]:
-    """How far each candidate's pixels are from the current path's, under the same seeds."""
+def output_differences(paths: list[Path], crops: int, transform: Any) -> dict[str, Any]:
+    """How far each candidate's pixels are from the current path's: the decoders' over `paths`, the crops' and the
+    normalisation's over `crops` samples (the images in turn, each under a seed of its own)."""
     from timm.data.transforms import MaybePILToTensor
 
     stages = split_stages(transform)
@@ -325,7 +338,8 @@ def output_differences(paths: list[Path], seeds: list[int], transform: Any) -> d
     decode_diff = max(int(np.abs(a - b).max()) for a, b in zip(decoded, tv))
     reduced, errors, uint8_error = [], [], 0.0
     mean, std = transform_stats(stages)
-    for path, seed in zip(paths, seeds):
+    for seed in range(crops):
+        path = paths[seed % len(paths)]
         full = call_seeded(seed, lambda p=path: crop(read_image(p)))
         small, k = call_seeded(seed, lambda p=path: reduced_crop(p, crop))
         reduced.append(k)
@@ -367,8 +381,11 @@ def rate(ms: float) -> float:
 def report_markdown(args: argparse.Namespace, img_size: int, paths: list[Path], stage_ms: dict[str, float],
                     path_ms: dict[str, float], decode_ms: dict[str, float], device_s: dict[str, float],
                     checks: dict[str, Any], device: torch.device) -> str:
-    sizes = sorted({Image.open(p).size for p in paths})
-    pixels = statistics.mean(w * h for w, h in sizes)
+    all_sizes = []
+    for path in paths:
+        with Image.open(path) as image:
+            all_sizes.append(image.size)
+    sizes, pixels = sorted(set(all_sizes)), statistics.mean(w * h for w, h in all_sizes)
     current_ms = path_ms[CURRENT]
     cores = lambda ms: args.train_rate * ms / 1000  # noqa: E731
     lines = [
@@ -378,7 +395,8 @@ def report_markdown(args: argparse.Namespace, img_size: int, paths: list[Path], 
         f"timm {__import__('timm').__version__}, Pillow {PIL.__version__} (libjpeg-turbo "
         f"{features.version('libjpeg_turbo') or 'absent'}), numpy {np.__version__}",
         f"{len(paths)} JPEGs of quality 90, long side {args.long_side} ({', '.join(f'{w}x{h}' for w, h in sizes)}; "
-        f"{pixels / 1000:.0f}k pixels on average), median of {args.rounds} rounds after {args.warmup} warm-up",
+        f"{pixels / 1000:.0f}k pixels on average), read from the page cache; each image's least time over "
+        f"{args.rounds} rounds after {args.warmup} warm-up",
         f"command: `{recorded_command(args)}`",
         "",
         "| stage (cumulative) | ms/img | share | img/s per worker, up to here |",
@@ -393,9 +411,9 @@ def report_markdown(args: argparse.Namespace, img_size: int, paths: list[Path], 
     per_image = {name: 1000 * s / args.batch_size for name, s in device_s.items()}
     lines += [
         "",
-        f"Work of the training process on {describe_device(device)} ({device.type}, 1 thread on a CPU), "
-        f"batch {args.batch_size} x 3 x {img_size} x {img_size}: not a worker's, it happens after the "
-        "transfer",
+        f"Work of the training process on the batch, after the transfer (not a worker's), here on "
+        f"{describe_device(device)}{', 1 thread' if device.type == 'cpu' else ''}: batch {args.batch_size} x 3 x "
+        f"{img_size} x {img_size}",
         "",
         "| on the batch | ms/batch | ms/img | img/s |",
         "|---|---:|---:|---:|",
@@ -442,9 +460,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="configs/cvt13_imagenet.yaml",
                         help="the recipe whose data section builds the transform (default: the ImageNet one)")
-    parser.add_argument("--images", type=int, default=48, help="distinct JPEGs written and read (default 48)")
+    parser.add_argument("--images", type=int, default=96,
+                        help="distinct JPEGs written and read, each under its own seed (default 96)")
     parser.add_argument("--long-side", type=int, default=500, help="their long side in pixels (default 500)")
-    parser.add_argument("--rounds", type=int, default=5, help="timed passes over them; the median is kept")
+    parser.add_argument("--rounds", type=int, default=5,
+                        help="timed passes over them, each image's least time kept (default 5)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed passes first")
     parser.add_argument("--batch-size", type=int, default=128, help="the batch of the collate and of Mixup/CutMix")
     parser.add_argument("--device", default="cpu", help="where the training process's batch work is timed")
@@ -465,6 +485,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> str:
     args = parse_args(argv)
     torch.set_num_threads(1)  # as in a DataLoader worker
+    # torchvision 0.29 deprecates its image decoders for TorchCodec's, and says so on every call
+    warnings.filterwarnings("ignore", "The image decoding and encoding capabilities of TorchVision are deprecated",
+                            DeprecationWarning)
     config = load_config(ROOT / args.config if not Path(args.config).is_absolute() else args.config)
     model_cfg = ZOO[config["model"]["name"]][1]
     img_size = config["data"]["img_size"]
@@ -475,17 +498,14 @@ def main(argv: list[str] | None = None) -> str:
     with tempfile.TemporaryDirectory(prefix="cvt-data-pipeline-") as folder:
         paths = write_jpegs(Path(folder), args.images, args.long_side)
         decode = decoders()
-        runs = []
-        for r in range(args.warmup + args.rounds):
-            seeds = [r * len(paths) + n for n in range(len(paths))]
-            runs.append(timed_round(paths, seeds, stages, paths_of, decode, args.batch_size))
-        stage_runs, path_runs, decode_runs = zip(*runs[args.warmup:])
-        median_ms = lambda runs: 1000 * statistics.median(runs) / len(paths)  # noqa: E731
-        stage_ms = {name: median_ms([run[name] for run in stage_runs]) for name in stage_runs[0]}
-        path_ms = {name: median_ms([run[name] for run in path_runs]) for name in path_runs[0]}
-        decode_ms = {name: median_ms([run[name] for run in decode_runs]) for name in decode_runs[0]}
-        seeds = list(range(10**6, 10**6 + len(paths) * max(args.rounds, 3)))
-        checks = output_differences([paths[n % len(paths)] for n in range(len(seeds))], seeds, transform)
+        # every round repeats the same work (the same seeds); each image's time in each stage and path is the least
+        # over the rounds, its cost undisturbed by other work on the machine
+        runs = [timed_round(paths, list(range(len(paths))), stages, paths_of, decode, args.batch_size)
+                for _ in range(args.warmup + args.rounds)][args.warmup:]
+        least_ms = {table: {name: 1000 * float(np.min([run[table][name] for run in runs], axis=0).mean())
+                            for name in runs[0][table]} for table in runs[0]}
+        stage_ms, path_ms, decode_ms = least_ms["stages"], least_ms["paths"], least_ms["decoders"]
+        checks = output_differences(paths, len(paths) * max(args.rounds, 3), transform)
         device_s = timed_on_device(args.batch_size, img_size, model_cfg, config["data"], config["train"], device,
                                    repeats=max(args.rounds, 3))
         markdown = report_markdown(args, img_size, paths, stage_ms, path_ms, decode_ms, device_s, checks, device)

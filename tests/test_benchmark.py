@@ -1,5 +1,5 @@
 """The scripts in benchmarks/: the official-style reference computes our model's function, benchmark.py runs end to
-end on a tiny model, the machine is named precisely, and fast_paths.py and gemm.py run."""
+end on a tiny model, the machine is named precisely, and fast_paths.py, gemm.py and data_pipeline.py run."""
 import copy
 import json
 import subprocess
@@ -17,6 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import benchmark  # noqa: E402
+import data_pipeline  # noqa: E402
 import fast_paths  # noqa: E402
 import gemm  # noqa: E402
 from machine import describe_device  # noqa: E402
@@ -134,3 +135,23 @@ def test_gemm_prints_both_tables(capsys):
     gemm.main(["--batch-size", "1", "--repeats", "1"])
     printed = capsys.readouterr().out
     assert "| 197 x 384 -> 1536 |" in printed and "| 2: 9 x 6 x 197 x 50 |" in printed
+
+
+def test_data_pipeline_prints_every_stage_and_candidate_and_writes_markdown_only_with_out(tmp_path, monkeypatch,
+                                                                                          capsys):
+    monkeypatch.chdir(tmp_path)
+    data_pipeline.main(["--quick"])
+    printed = capsys.readouterr().out
+    for row in ("decode", "+ RandomResizedCrop", "+ flip", "+ RandAugment", "+ ToTensor, Normalize",
+                "+ RandomErasing", "+ per-sample seeding", "+ collate", "Mixup/CutMix (timm Mixup)",
+                *data_pipeline.CANDIDATES, "Pillow (read_image)", "torchvision decode_jpeg (a uint8 tensor)"):
+        assert f"| {row} |" in printed, row
+    assert f"at {data_pipeline.H100_TRAIN_IMG_S:g} training img/s one GPU needs ~" in printed
+    assert describe_device(torch.device("cpu")) in printed
+    assert "command: `python benchmarks/data_pipeline.py " in printed and "--out" not in printed
+    assert list(tmp_path.iterdir()) == [], "without --out nothing is written"
+
+    data_pipeline.main(["--quick", "--train-rate", "1000", "--out", str(tmp_path / "pipeline.md")])
+    printed = capsys.readouterr().out
+    markdown = (tmp_path / "pipeline.md").read_text()
+    assert "at 1000 training img/s one GPU needs ~" in markdown and markdown in printed

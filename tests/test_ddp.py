@@ -39,7 +39,7 @@ def finish(*launches: subprocess.Popen) -> list[str]:
     outputs = []
     for launch in launches:
         output, _ = launch.communicate(timeout=TIMEOUT_S)
-        assert launch.returncode == 0, output[-4000:]
+        assert launch.returncode == 0, output[-12000:]
         outputs.append(output)
     return outputs
 

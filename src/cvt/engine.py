@@ -371,7 +371,12 @@ def setup_distributed(device_name: str) -> Processes:
     device = pick_device(device_name, int(os.environ.get("LOCAL_RANK", "0")))
     started = False
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        # torchrun's agent keeps its store across elastic restarts, where a restarted process could read the
+        # addresses that the killed attempt's processes published and fail to connect: each attempt has its own keys.
+        store, rank, world = next(dist.rendezvous("env://"))
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world,
+                                store=dist.PrefixStore(f"cvt/attempt_{attempt}", store))
         started = True
     return Processes(dist.get_rank() if world > 1 else 0, world, device, started)
 
