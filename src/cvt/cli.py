@@ -51,7 +51,8 @@ def cmd_export(args: argparse.Namespace) -> None:
         check = export_model(model, args.output, args.format, atol=args.atol)
     except ImportError as e:
         missing = e.name or "onnx, onnxscript and onnxruntime"
-        raise SystemExit(f"error: {args.format} export needs {missing}: pip install 'cvt-pytorch[export]'") from None
+        raise SystemExit(f"error: {args.format} export needs {missing}: pip install -e '.[export]' in the "
+                         "repository") from None
     print(f"wrote {args.output}: {args.format}, dynamic batch, height and width; checked against PyTorch, "
           f"max abs diff {check.summary()} (limit {args.atol:g})")
     if args.format == "onnx":
@@ -147,7 +148,7 @@ def cmd_convert(args: argparse.Namespace) -> None:
         try:
             save_hf(model, args.output)
         except ImportError as e:
-            raise SystemExit(f"error: --to hf needs {e.name}: pip install 'cvt-pytorch[hf]'") from None
+            raise SystemExit(f"error: --to hf needs {e.name}: pip install -e '.[hf]' in the repository") from None
     elif target == "safetensors":
         save_safetensors(model.state_dict(), args.output)
     else:

@@ -804,8 +804,8 @@ def training_config(config: dict) -> dict:
     if t_cfg["amp"] not in AMP_DTYPES:
         raise ValueError(f"train.amp must be null, bf16 or fp16, got {t_cfg['amp']!r}")
     if t_cfg["tensorboard"] and importlib.util.find_spec("tensorboard") is None:
-        raise ValueError("train.tensorboard needs the tensorboard package: pip install tensorboard (or the "
-                         "cvt[tensorboard] extra), or set train.tensorboard=false")
+        raise ValueError("train.tensorboard needs the tensorboard package: pip install tensorboard (or pip install -e "
+                         "'.[tensorboard]' in the repository), or set train.tensorboard=false")
     return cfg
 
 
