@@ -1,5 +1,6 @@
-"""Images per second per DataLoader worker of the paper's ImageNet training transform, where the time goes, and what
-three candidate changes to the input pipeline would buy.
+"""Images per second per DataLoader worker of the paper's ImageNet training transform, stage by stage and changed.
+
+Where the time goes, and what three candidate changes to the input pipeline would buy.
 
     python benchmarks/data_pipeline.py --out benchmarks/results/data_pipeline.md
     python benchmarks/data_pipeline.py --long-side 1000       # larger JPEGs, where reduced-size decoding applies
