@@ -52,6 +52,7 @@ def test_onnx_runtime_matches_pytorch_at_any_batch_and_size(onnx_export):
 
     model, path, check = onnx_export
     assert check.passed and set(check.max_abs_diff) == {(b, h, w) for b in (1, 2) for h, w in check_sizes(model)}
+    assert (1, 80, 80) in check.max_abs_diff  # checked at the size it was fine-tuned at, not its own 32
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     (images,) = session.get_inputs()
     assert isinstance(images.shape[0], str) and images.shape[1] == 3

@@ -55,10 +55,16 @@ class ExportCheck:
 EXAMPLE_MIN_SIDE = 64
 
 
+def used_size(model: nn.Module) -> tuple[int, int]:
+    """The resolution the model is used at: the one its weights were trained at where its `pretrained_cfg` records
+    it (a fine-tune at another size than the zoo model's), else its own."""
+    return tuple(model.pretrained_cfg.get("input_size", (model.in_chans, *model.img_size))[1:])
+
+
 def check_sizes(model: nn.Module) -> list[tuple[int, int]]:
-    """The native resolution and a non-square one 32 px taller and up to 32 px narrower (224x224 and 256x192 at
-    224, 32x32 and 64x16 at 32)."""
-    h, w = model.img_size
+    """The resolution the model is used at and a non-square one 32 px taller and up to 32 px narrower (224x224 and
+    256x192 at 224, 32x32 and 64x16 at 32)."""
+    h, w = used_size(model)
     return [(h, w), (h + 32, max(w - 32, (w + 1) // 2, model.min_input_size))]
 
 
@@ -150,7 +156,7 @@ def export_model(model: nn.Module, path: str | os.PathLike, fmt: str, atol: floa
         with atomic_path(path) as tmp:
             # torch.export specialises a dimension whose example size is 1: so batch 2, and sides of at least
             # 64 px, where the last stage's keys (at stride 32 in the released layouts) still span 2 positions.
-            example = torch.randn(2, model.in_chans, *(max(side, EXAMPLE_MIN_SIDE) for side in model.img_size))
+            example = torch.randn(2, model.in_chans, *(max(side, EXAMPLE_MIN_SIDE) for side in used_size(model)))
             export(model, example, str(tmp))
             check = _compare(load(str(tmp)), model, atol)
             if not check.passed:
