@@ -106,15 +106,6 @@ def test_the_ablation_recipe_is_the_digits_recipe_for_20_epochs():
         "name=ablate_digits", "train.epochs=20", "train.keep_epoch_checkpoints=0", "train.progress=false"])
 
 
-def leaves(mapping: dict, where: str = ""):
-    """(dotted key, value) of every value in a recipe; model.args, a mapping replaced whole, is one value."""
-    for key, value in mapping.items():
-        if isinstance(value, dict) and f"{where}{key}" != "model.args":
-            yield from leaves(value, f"{where}{key}.")
-        else:
-            yield f"{where}{key}", value
-
-
 def test_a_recipe_with_a_base_sets_only_what_differs_from_it():
     bases = {}
     for path in sorted(CONFIGS.glob("*.yaml")):
@@ -123,7 +114,7 @@ def test_a_recipe_with_a_base_sets_only_what_differs_from_it():
             continue
         bases[path.name] = recipe.pop("base")
         base = load_config(CONFIGS / bases[path.name])
-        for key, value in leaves(recipe):
+        for key, value in engine.config_leaves(recipe):
             here = base
             for part in key.split("."):
                 here = here[part]

@@ -264,13 +264,19 @@ class Digits(Dataset):
 Sample = TypeVar("Sample")
 
 
+def sample_seed(*key: int) -> int:
+    """The augmentation seed of one sample, from the run's seed, the epoch and where the sample is: the same in
+    every process, since a tuple of ints hashes the same everywhere (no PYTHONHASHSEED salt)."""
+    return hash(key) % 2**63
+
+
 def call_seeded(seed: int, read: Callable[[], Sample]) -> Sample:
     """`read()` with torch's, Python's and numpy's generators seeded by `seed`, the process's own left as they were:
     a sample's augmentation then depends on the sample alone, not on the worker that reads it or on where a resume
     started (as the engine's EpochSamples does for map-style sets). Only the CPU generator is seeded, the one that
     fork_rng restores and the transforms draw from: `torch.manual_seed` would also queue a seed for every
-    accelerator, formatting the call stack for each, which cost a DataLoader worker 0.5-1 ms per sample
-    (benchmarks/data_pipeline.py), and would reseed a CUDA generator in use without restoring it."""
+    accelerator, formatting the call stack for each, a cost paid per sample, and would reseed a CUDA generator in
+    use without restoring it."""
     python_state, numpy_state = random.getstate(), np.random.get_state()
     with torch.random.fork_rng(devices=[]):
         torch.default_generator.manual_seed(seed)

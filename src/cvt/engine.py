@@ -4,8 +4,8 @@ many of them (`torchrun`).
     config = load_config("configs/cvt13_imagenet.yaml", ["train.epochs=10"])
     summary = train(config, "runs/cvt13")
 
-`train` claims the output folder (one run at a time, `RunFolder`) and settles the config (a resume goes on with
-the checkpoint's, `resumed_config`); `run_training` wires the parts, each a function of its own: the processes,
+`train` claims the output folder (one run at a time, `RunFolder`) and checks the config (a resume goes on with
+the checkpoint's, `resume_changes`); `run_training` wires the parts, each a function of its own: the processes,
 the data, the model, the optimisation, the training state (resumed from a checkpoint or new), then for each epoch
 `train_one_epoch`, `evaluate_epoch`, a checkpoint and its `EpochRecord`, and the summary. Everything it writes
 goes into the output directory: `last.pth` (every epoch, and every train.checkpoint_every_steps inside one),
@@ -45,7 +45,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, Subs
 from torch.utils.data.distributed import DistributedSampler
 
 from .data import (Readers, build_datasets, build_eval_dataset, call_seeded, collate_skipping, eval_crop,
-                   train_sampler)
+                   sample_seed, train_sampler)
 from .accel import accelerate_training, compile_model, optimize_for_inference
 from .files import copy_atomic, remove_stale_temporaries, save_atomic, save_figure, write_atomic, yaml_load
 from .flops import count_params
@@ -308,9 +308,9 @@ def config_leaves(config: dict, where: str = "") -> Iterator[tuple[str, Any]]:
             yield f"{where}{key}", value
 
 
-def resumed_config(recorded: dict, requested: dict) -> tuple[dict, list[str]]:
-    """The config a resumed run goes on with: `requested`, which may differ from the checkpoint's `recorded`
-    config in RESUMABLE keys only, and those changes, described. Any other difference is an error listing them."""
+def resume_changes(recorded: dict, requested: dict) -> list[str]:
+    """How the config `requested` for a resumed run changes the checkpoint's `recorded` one, described: in
+    RESUMABLE keys only. Any other difference is an error listing them."""
     # Compared as JSON: a tuple and a list, a Path and a string, are the same value.
     old = {key: json.dumps(value, default=str) for key, value in config_leaves(merge_config(DEFAULTS, recorded))}
     new = {key: json.dumps(value, default=str) for key, value in config_leaves(requested)}
@@ -321,7 +321,7 @@ def resumed_config(recorded: dict, requested: dict) -> tuple[dict, list[str]]:
                          f"{'; '.join(refused)}. Leave them out (`cvt train --resume` takes every key from the "
                          f"checkpoint), or start a new run in another --output. A resume may change "
                          f"{', '.join(RESUMABLE)}")
-    return requested, [f"{key} {old.get(key)} -> {new[key]}" for key in changed if key != "train.resume"]
+    return [f"{key} {old.get(key)} -> {new[key]}" for key in changed if key != "train.resume"]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -354,12 +354,12 @@ def pick_device(name: str, local_rank: int = 0) -> torch.device:
         device = torch.device(name)
     except RuntimeError:
         raise ValueError(f"unknown device {name!r}: use auto, cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {name} asked for, but torch finds no CUDA GPU here: use cpu (or auto)")
-    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-        raise ValueError(f"device {name} asked for, but there are {torch.cuda.device_count()} GPUs")
     if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {name} asked for, but torch finds no CUDA GPU here: use cpu (or auto)")
         device = torch.device("cuda", device.index if device.index is not None else local_rank)
+        if device.index >= torch.cuda.device_count():
+            raise ValueError(f"device {device} asked for, but there are {torch.cuda.device_count()} GPUs")
         torch.cuda.set_device(device)
     return device
 
@@ -575,6 +575,15 @@ def read_training_checkpoint(path: str | os.PathLike, mmap: bool = True) -> dict
     return state if isinstance(state, dict) and state.get("format") == TRAINING_FORMAT else None
 
 
+def resumable_checkpoint(path: str | os.PathLike, mmap: bool = True) -> dict[str, Any]:
+    """`read_training_checkpoint`, where any other file is an error: what a resume reads."""
+    state = read_training_checkpoint(path, mmap)
+    if state is None:
+        raise ValueError(f"{path} is not a training checkpoint written by `cvt train`; to start from its "
+                         "weights, set model.pretrained instead")
+    return state
+
+
 @dataclasses.dataclass
 class TrainingState:
     """Everything a training checkpoint holds, and its files in `directory`: `last.pth` every epoch, copied to
@@ -656,10 +665,7 @@ class TrainingState:
         it (with another number each keeps its fresh seeding)."""
         if not path.is_file():
             raise FileNotFoundError(f"nothing to resume from: no checkpoint {path}")
-        saved = read_training_checkpoint(path, mmap=False)
-        if saved is None:
-            raise ValueError(f"{path} is not a training checkpoint written by `cvt train`; to start from its "
-                             "weights, set model.pretrained instead")
+        saved = resumable_checkpoint(path, mmap=False)
         progress = saved.get("epoch_progress")
         if progress is not None and len(progress) != world:
             raise ValueError(f"{path} was written inside epoch {saved['epoch'] + 1} by {len(progress)} processes: "
@@ -845,8 +851,7 @@ class EpochSamples(Dataset):
         return len(self.dataset)
 
     def __getitem__(self, index: int) -> Any:
-        seed = hash((self.seed, self.epoch, index)) % 2**63  # ints hash to themselves: the same in every process
-        return call_seeded(seed, lambda: self.dataset[index])
+        return call_seeded(sample_seed(self.seed, self.epoch, index), lambda: self.dataset[index])
 
 
 class ResumableSampler(Sampler):
@@ -1002,11 +1007,7 @@ def new_training_state(cfg: dict, output_dir: Path, models: TrainingModels, opti
 
 def recorded_config(checkpoint: str | os.PathLike) -> dict:
     """The config a training checkpoint records: what a resume goes on with."""
-    state = read_training_checkpoint(checkpoint)
-    if state is None:
-        raise ValueError(f"{checkpoint} is not a training checkpoint written by `cvt train`; to start from its "
-                         "weights, set model.pretrained instead")
-    return state["config"]
+    return resumable_checkpoint(checkpoint)["config"]
 
 
 def resume(state: TrainingState, checkpoint: Path, changes: list[str], optimization: Optimization,
@@ -1290,9 +1291,7 @@ def train(config: dict, output_dir: str | os.PathLike, overwrite: bool = False) 
     folder = RunFolder(Path(output_dir))
     try:
         checkpoint = on_main(processes, lambda: folder.claim(cfg["train"]["resume"], overwrite))
-        changes = []
-        if checkpoint is not None:
-            cfg, changes = resumed_config(recorded_config(checkpoint), cfg)
+        changes = resume_changes(recorded_config(checkpoint), cfg) if checkpoint is not None else []
         return run_training(cfg, folder.directory, checkpoint, changes, processes)
     finally:
         folder.release()

@@ -45,7 +45,7 @@ from torchvision.datasets.folder import IMG_EXTENSIONS
 from tqdm import tqdm
 
 from .data import (Readers, call_seeded, check_bad_images, check_root, held_out_split, image_folder, read_image,
-                   read_or_skip)
+                   read_or_skip, sample_seed)
 from .files import atomic_path, write_atomic
 
 INDEX_NAME = "index.json"
@@ -191,7 +191,7 @@ class ShardStream(IterableDataset):
         for n, (passes, sample) in enumerate(self.train_samples(self.reader_shards(reader, self.readers.world *
                                                                                    workers), reader)):
             if n >= passed:
-                seed = hash((self.readers.seed, self.epoch, passes, sample.number)) % 2**63
+                seed = sample_seed(self.readers.seed, self.epoch, passes, sample.number)
                 yield read_or_skip(lambda: call_seeded(seed, lambda: self.decode(sample)), self.bad_images,
                                    f"the {self.split} shards")
 
